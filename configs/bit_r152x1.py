@@ -1,0 +1,11 @@
+"""BiT-R152x1 pretraining (Table 3): JFT-300M lr 6e-4, 7 epochs.
+
+Usage: python main.py --config=configs/bit_r152x1.py:DATASET --workdir=DIR, DATASET in
+{jft, imagenet21k, imagenet2012} (default imagenet21k).
+"""
+
+from configs import common
+
+
+def get_config(arg='imagenet21k'):
+  return common.pretrain('BiT-R152x1', arg, jft_lr=6e-4, jft_epochs=7)

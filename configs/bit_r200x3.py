@@ -1,0 +1,11 @@
+"""BiT-R200x3 pretraining (Table 3): JFT-300M lr 6e-4, 14 epochs.
+
+Usage: python main.py --config=configs/bit_r200x3.py:DATASET --workdir=DIR, DATASET in
+{jft, imagenet21k, imagenet2012} (default imagenet21k).
+"""
+
+from configs import common
+
+
+def get_config(arg='imagenet21k'):
+  return common.pretrain('BiT-R200x3', arg, jft_lr=6e-4, jft_epochs=14)

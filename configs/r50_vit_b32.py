@@ -1,0 +1,11 @@
+"""R50+ViT-B_32 pretraining (Table 3): JFT-300M lr 8e-4, 7 epochs.
+
+Usage: python main.py --config=configs/r50_vit_b32.py:DATASET --workdir=DIR, DATASET in
+{jft, imagenet21k, imagenet2012} (default imagenet21k).
+"""
+
+from configs import common
+
+
+def get_config(arg='imagenet21k'):
+  return common.pretrain_vit('R50+ViT-B_32', arg, jft_lr=8e-4, jft_epochs=7)

@@ -1,0 +1,11 @@
+"""R50+ViT-L_32 pretraining (Table 3): JFT-300M lr 2e-4, 7 epochs.
+
+Usage: python main.py --config=configs/r50_vit_l32.py:DATASET --workdir=DIR, DATASET in
+{jft, imagenet21k, imagenet2012} (default imagenet21k).
+"""
+
+from configs import common
+
+
+def get_config(arg='imagenet21k'):
+  return common.pretrain_vit('R50+ViT-L_32', arg, jft_lr=2e-4, jft_epochs=7)

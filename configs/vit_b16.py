@@ -1,0 +1,11 @@
+"""ViT-B_16 pretraining (Table 3): JFT-300M lr 8e-4, 7 epochs.
+
+Usage: python main.py --config=configs/vit_b16.py:DATASET --workdir=DIR, DATASET in
+{jft, imagenet21k, imagenet2012} (default imagenet21k).
+"""
+
+from configs import common
+
+
+def get_config(arg='imagenet21k'):
+  return common.pretrain_vit('ViT-B_16', arg, jft_lr=8e-4, jft_epochs=7)

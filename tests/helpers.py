@@ -1,0 +1,33 @@
+"""Small models and random inputs shared by the tests."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TINY_VIT = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2)
+
+
+def abstract_params(model, image_size, batch=1):
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(
+    lambda x: nn.unbox(model.init(jax.random.key(0), x)), images
+  )
+  return variables['params']
+
+
+def randomize(params, seed=0, scale=0.2):
+  """Non-trivial weights: zero-initialised heads would hide errors."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape, np.float32),
+    params,
+  )
+
+
+def init_params(model, images):
+  return nn.unbox(jax.jit(model.init)(jax.random.key(0), images))['params']
+
+
+def random_images(shape, seed=1):
+  return jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)

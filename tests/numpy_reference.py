@@ -1,0 +1,196 @@
+"""Float64 numpy forward passes written from the paper and the file layout.
+
+They read flat published keys ('Transformer/encoderblock_0/...') and share no
+code with vit_jax, so agreement checks both the maths and the names.
+"""
+
+import math
+
+import numpy as np
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+def conv2d(x, w, stride, pad):
+  """x (B, H, W, C), w (kh, kw, C, O), pad ((top, bottom), (left, right))."""
+  x = np.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+  kh, kw, _, _ = w.shape
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], out_h, out_w, w.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      patch = x[
+        :, i : i + stride * out_h : stride, j : j + stride * out_w : stride
+      ]
+      out += patch @ w[i, j]
+  return out
+
+
+def same_padding(size, kernel, stride):
+  """TensorFlow's 'SAME' padding (more at the end when odd)."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return (total // 2, total - total // 2)
+
+
+def max_pool(x, pad_value, pad):
+  x = np.pad(x, ((0, 0), pad[0], pad[1], (0, 0)), constant_values=pad_value)
+  out_h = (x.shape[1] - 3) // 2 + 1
+  out_w = (x.shape[2] - 3) // 2 + 1
+  out = np.full((x.shape[0], out_h, out_w, x.shape[3]), -np.inf)
+  for i in range(3):
+    for j in range(3):
+      out = np.maximum(out, x[:, i : i + 2 * out_h : 2, j : j + 2 * out_w : 2])
+  return out
+
+
+def group_norm(x, scale, bias, eps, groups=32):
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean((1, 2, 4), keepdims=True)
+  var = g.var((1, 2, 4), keepdims=True)
+  g = (g - mean) / np.sqrt(var + eps)
+  return g.reshape(b, h, w, c) * scale + bias
+
+
+def standardize_std(w, eps=1e-5):
+  """The hybrids' weight standardisation: (w - mean) / (std + eps)."""
+  w = w - w.mean((0, 1, 2), keepdims=True)
+  return w / (w.std((0, 1, 2), keepdims=True) + eps)
+
+
+def standardize_var(w, eps=1e-8):
+  """BiT's weight standardisation: (w - mean) / sqrt(var + eps)."""
+  w = w - w.mean((0, 1, 2), keepdims=True)
+  return w / np.sqrt((w**2).mean((0, 1, 2), keepdims=True) + eps)
+
+
+# ----------------------------------------------------------------------------
+
+
+def encoder(p, x, num_layers):
+  """Equations (2)-(4) before pooling: blocks and the final LayerNorm."""
+  x = x + p['Transformer/posembed_input/pos_embedding']
+  for i in range(num_layers):
+    b = f'Transformer/encoderblock_{i}/'
+    y = layer_norm(x, p[b + 'LayerNorm_0/scale'], p[b + 'LayerNorm_0/bias'])
+    a = b + 'MultiHeadDotProductAttention_1/'
+    q = (
+      np.einsum('btd,dhk->bthk', y, p[a + 'query/kernel']) + p[a + 'query/bias']
+    )
+    k = np.einsum('btd,dhk->bthk', y, p[a + 'key/kernel']) + p[a + 'key/bias']
+    v = (
+      np.einsum('btd,dhk->bthk', y, p[a + 'value/kernel']) + p[a + 'value/bias']
+    )
+    weights = softmax(np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1]))
+    heads = np.einsum('bhqs,bshk->bqhk', weights, v)
+    y = (
+      np.einsum('bqhk,hkd->bqd', heads, p[a + 'out/kernel']) + p[a + 'out/bias']
+    )
+    x = x + y
+    y = layer_norm(x, p[b + 'LayerNorm_2/scale'], p[b + 'LayerNorm_2/bias'])
+    m = b + 'MlpBlock_3/'
+    y = gelu_tanh(y @ p[m + 'Dense_0/kernel'] + p[m + 'Dense_0/bias'])
+    x = x + y @ p[m + 'Dense_1/kernel'] + p[m + 'Dense_1/bias']
+  return layer_norm(
+    x, p['Transformer/encoder_norm/scale'], p['Transformer/encoder_norm/bias']
+  )
+
+
+def vit_head(p, tokens, num_layers, classifier):
+  """Class token, encoder, pooling, representation layer and head."""
+  if classifier == 'token':
+    cls = np.broadcast_to(p['cls'], (tokens.shape[0], 1, tokens.shape[-1]))
+    tokens = np.concatenate([cls, tokens], axis=1)
+  x = encoder(p, tokens, num_layers)
+  x = x[:, 0] if classifier == 'token' else x.mean(1)
+  if 'pre_logits/kernel' in p:
+    x = np.tanh(x @ p['pre_logits/kernel'] + p['pre_logits/bias'])
+  return x @ p['head/kernel'] + p['head/bias']
+
+
+def vit(p, images, patch, num_layers, classifier='token'):
+  """The paper's ViT on images (B, H, W, 3)."""
+  x = conv2d(images, p['embedding/kernel'], patch, ((0, 0), (0, 0)))
+  x = x + p['embedding/bias']
+  tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+  return vit_head(p, tokens, num_layers, classifier)
+
+
+def hybrid(p, images, stages, num_layers):
+  """R50+ViT: post-activation ResNet with 'SAME' padding, then ViT."""
+
+  def conv(x, w, stride):
+    pad = tuple(same_padding(size, w.shape[0], stride) for size in x.shape[1:3])
+    return conv2d(x, standardize_std(w), stride, pad)
+
+  def gn(x, name):
+    return group_norm(x, p[name + '/scale'], p[name + '/bias'], 1e-6)
+
+  x = conv(images, p['conv_root/kernel'], 2)
+  x = np.maximum(gn(x, 'gn_root'), 0)
+  pad = tuple(same_padding(size, 3, 2) for size in x.shape[1:3])
+  x = max_pool(x, -np.inf, pad)
+  for s, units in enumerate(stages):
+    for u in range(units):
+      n = f'block{s + 1}/unit{u + 1}/'
+      stride = 2 if s > 0 and u == 0 else 1
+      residual = x
+      if n + 'conv_proj/kernel' in p:
+        residual = gn(conv(x, p[n + 'conv_proj/kernel'], stride), n + 'gn_proj')
+      y = np.maximum(gn(conv(x, p[n + 'conv1/kernel'], 1), n + 'gn1'), 0)
+      y = np.maximum(gn(conv(y, p[n + 'conv2/kernel'], stride), n + 'gn2'), 0)
+      y = gn(conv(y, p[n + 'conv3/kernel'], 1), n + 'gn3')
+      x = np.maximum(residual + y, 0)
+  x = (
+    conv2d(x, p['embedding/kernel'], 1, ((0, 0), (0, 0))) + p['embedding/bias']
+  )
+  tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+  return vit_head(p, tokens, num_layers, 'token')
+
+
+def bit(p, images, stages):
+  """BiT ResNetV2 from the BiT authors' keys (prefix 'resnet/')."""
+  p = {k.removeprefix('resnet/'): v for k, v in p.items()}
+
+  def conv(x, name, stride):
+    w = standardize_var(p[name + '/standardized_conv2d/kernel'])
+    pad = (w.shape[0] - 1) // 2
+    return conv2d(x, w, stride, ((pad, pad), (pad, pad)))
+
+  def gn_relu(x, name):
+    gamma, beta = p[name + '/group_norm/gamma'], p[name + '/group_norm/beta']
+    return np.maximum(group_norm(x, gamma, beta, 1e-5), 0)
+
+  x = conv(images, 'root_block', 2)
+  x = max_pool(x, 0.0, ((1, 1), (1, 1)))
+  for s, units in enumerate(stages):
+    for u in range(units):
+      n = f'block{s + 1}/unit{u + 1:02d}/'
+      stride = 2 if s > 0 and u == 0 else 1
+      pre = gn_relu(x, n + 'a')
+      shortcut = conv(pre, n + 'a/proj', stride) if u == 0 else x
+      y = conv(pre, n + 'a', 1)
+      y = conv(gn_relu(y, n + 'b'), n + 'b', stride)
+      y = conv(gn_relu(y, n + 'c'), n + 'c', 1)
+      x = y + shortcut
+  x = np.maximum(
+    group_norm(x, p['group_norm/gamma'], p['group_norm/beta'], 1e-5), 0
+  )
+  x = x.mean((1, 2))
+  return x @ p['head/conv2d/kernel'][0, 0] + p['head/conv2d/bias']
