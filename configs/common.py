@@ -120,6 +120,13 @@ def base() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   config.step = 'jit'  # 'jit' or 'shard_map' (data parallel)
 
+  # Splits (see vit_jax/data): trained on, evaluated periodically (logged
+  # as eval_*), and evaluated once at the end (logged as <split>_*; None to
+  # skip).
+  config.train_split = 'train'
+  config.eval_split = 'val'
+  config.test_split = config_dict.placeholder(str)
+
   # Checkpoints, evaluation and logs.
   config.init = config_dict.placeholder(str)  # checkpoint to start from
   config.checkpoint_every = 1000

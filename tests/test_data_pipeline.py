@@ -240,17 +240,30 @@ def test_each_epoch_is_a_new_permutation(folder, tfds_dir, mesh, source):
   assert not np.array_equal(epochs[0], epochs[1])
 
 
-def test_processes_stream_disjoint_shards(folder, mesh):
-  config = _config(folder)
-  shards = []
-  for p in range(2):
-    ds = data.get_dataset(config, mesh, process_index=p, process_count=2)
-    iterator = ds.local_train_iter()
-    batches = [next(iterator) for _ in range(4)]
-    shards.append(set(np.concatenate([_ids(b['images']) for b in batches])))
-  assert shards[0].isdisjoint(shards[1])
-  # Shard sizes 7 and 6: 16 draws visit each shard whole.
-  assert sorted(shards[0] | shards[1]) == list(range(13))
+@pytest.mark.parametrize('source', ['folder', 'digits'])
+def test_global_batches_do_not_depend_on_the_process_count(
+  folder, mesh, source
+):
+  """Random-access sources: 2 processes' rows make the 1-process batches."""
+  config = _config(folder if source == 'folder' else 'digits')
+  config.pp.train_crop = 'inception'
+  config.pp.flip = True
+  single = _first(data.get_dataset(config, mesh).local_train_iter(3), 4)
+  halves = [
+    _first(
+      data.get_dataset(
+        config, mesh, process_index=p, process_count=2
+      ).local_train_iter(3),
+      4,
+    )
+    for p in range(2)
+  ]
+  for step in range(4):
+    for key in ('images', 'labels'):
+      np.testing.assert_array_equal(
+        np.concatenate([halves[0][step][key], halves[1][step][key]]),
+        single[step][key],
+      )
 
 
 def test_mesh_2x4_gets_the_right_rows(mesh):

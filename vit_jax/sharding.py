@@ -113,6 +113,21 @@ def _named_sharding(
   return NamedSharding(mesh, P(*axes))
 
 
+def _is_box(x) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+def strip_boxes(tree: Any) -> Any:
+  """Replaces logical-partitioning boxes by their values.
+
+  Unlike `nn.unbox` this adds no sharding constraint, so it also works on
+  abstract values and outside of `jit`.
+  """
+  return jax.tree.map(
+    lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box
+  )
+
+
 def tree_shardings(abstract: Any, mesh: Mesh, strategy: str) -> Any:
   """NamedShardings for a tree of (possibly logically boxed) abstract arrays.
 
@@ -124,11 +139,11 @@ def tree_shardings(abstract: Any, mesh: Mesh, strategy: str) -> Any:
     strategy: 'dp', 'fsdp' or 'tp'.
 
   Returns:
-    A tree of NamedSharding with the structure of `nn.unbox(abstract)`.
+    A tree of NamedSharding with the structure of `strip_boxes(abstract)`.
   """
   rules = dict(rules_for(strategy))
   logical = nn.get_partition_spec(abstract)
-  shapes = nn.unbox(abstract)
+  shapes = strip_boxes(abstract)
   return jax.tree.map(
     lambda spec, x: _named_sharding(x.shape, spec, mesh, rules),
     logical,

@@ -1,11 +1,13 @@
 """Per-process tf.data pipelines and the global sharded batches built on them.
 
-Training: a process streams its shard of the train split from example
+Training: a process streams its part of the train split from example
 start_step * local_batch (`sources.Source.stream`), preprocesses every example
 with keys from its stream position, batches, and mixes up each batch with a
 key from its step. Batch i is therefore a function of (seed, process,
 start_step + i) alone, so a resumed run sees the batches an uninterrupted run
-would.
+would. For random-access sources (digits, image folders) the global batches
+(before mixup, which mixes within a process's rows) do not depend on the
+number of processes either.
 
 Evaluation: a process reads its shard once and pads it with masked examples
 to a number of batches that is the same on every process, so every example is
@@ -77,6 +79,7 @@ def train_dataset(
     seed=config.seed,
     start=start_step * batch,
     shuffle_buffer=config.shuffle_buffer,
+    local_batch=batch,
     process_index=process_index,
     process_count=process_count,
   )
@@ -86,7 +89,8 @@ def train_dataset(
     num_classes=source.num_classes,
     loss=config.loss,
     seed=config.seed,
-    process_index=process_index,
+    # A process-invariant stream's indices are global: one key space.
+    process_index=0 if source.process_invariant else process_index,
     image_fn=source.image_fn,
   )
   batches = examples.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(

@@ -117,6 +117,8 @@ class Source(abc.ABC):
   num_classes: int
   class_names: list[str] | None
   image_fn: Callable[[tf.Tensor], tf.Tensor] | None = None
+  # Whether training batches are the same for any number of processes.
+  process_invariant: bool = False
   # The tfds split string of each of SPLITS.
   _specs: dict[str, str]
 
@@ -138,10 +140,16 @@ class Source(abc.ABC):
     seed: int,
     start: int,
     shuffle_buffer: int,
+    local_batch: int,
     process_index: int = 0,
     process_count: int = 1,
   ) -> tf.data.Dataset:
-    """One process's shard endlessly from position `start`, with 'index'."""
+    """This process's training examples, endlessly, from position `start`.
+
+    Each record carries an 'index' that keys its random augmentation. Where
+    `process_invariant` is True it is the example's position in the global
+    stream, so global batches do not depend on the number of processes.
+    """
 
   def shard(
     self, split: str, process_index: int = 0, process_count: int = 1
@@ -176,8 +184,13 @@ class ArraySource(Source):
 
   Every split's epoch order is a permutation computed from its index
   (`tf.random.experimental.index_shuffle`), so a stream starts at any position
-  without reading what comes before.
+  without reading what comes before. Training streams are process invariant:
+  every process follows the same global order and reads the rows of each
+  global batch that fall to it, so the global batches, augmentation
+  included, are the same whatever the number of processes.
   """
+
+  process_invariant = True
 
   def __init__(
     self,
@@ -241,17 +254,22 @@ class ArraySource(Source):
     seed,
     start,
     shuffle_buffer,
+    local_batch,
     process_index=0,
     process_count=1,
   ):
     del shuffle_buffer  # Every epoch is a full permutation.
-    rows = self._rows(split, process_index, process_count)
+    rows = self._rows(split, 0, 1)  # The whole split, in every process.
     self._check_not_empty(split, process_index, len(rows))
     rows, n = tf.constant(rows), len(rows)
 
-    def record(index):
+    def record(local_position):
+      # The local position's place in the global stream: global batch
+      # `step` holds each process's local_batch rows in process order.
+      step, offset = local_position // local_batch, local_position % local_batch
+      index = (step * process_count + process_index) * local_batch + offset
       epoch, position = index // n, index % n
-      key = _epoch_key(seed, process_index, epoch)
+      key = _epoch_key(seed, 0, epoch)
       shuffled = tf.random.experimental.index_shuffle(
         position, key, tf.constant(n - 1, tf.int64)
       )
@@ -556,9 +574,11 @@ class TfdsSource(Source):
     seed,
     start,
     shuffle_buffer,
+    local_batch,
     process_index=0,
     process_count=1,
   ):
+    del local_batch  # Each process streams its own shard.
     n = self.num_examples(split, process_index, process_count)
     self._check_not_empty(split, process_index, n)
     records = self._records(split, process_index, process_count)

@@ -1,0 +1,80 @@
+"""Entry point: `python main.py --config=configs/vit_b16.py --workdir=DIR`.
+
+The config's `job` picks what runs; every config key can be overridden on
+the command line (`--config.batch_size=256`). On several hosts (outside
+Cloud TPU, where it is automatic) pass --coordinator_address,
+--num_processes and --process_id to every process.
+"""
+
+import importlib
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vit_jax import metric_logging
+
+# config.job -> the module whose `run(config, workdir)` does it.
+JOBS = {
+  'pretrain': 'vit_jax.pretrain',
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config', None, 'A config file in configs/, with an optional :argument.'
+)
+flags.DEFINE_string('workdir', None, 'Where the job writes everything.')
+flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0 (multi-host runs).'
+)
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.DEFINE_string(
+  'compilation_cache',
+  os.path.expanduser('~/.cache/vit_jax/xla'),
+  'Persistent XLA compilation cache directory; empty to disable.',
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed():
+  """Joins the processes of a multi-host run (before any computation)."""
+  if FLAGS.coordinator_address:
+    # Collectives between CPU processes (tests, CPU clusters); no effect on
+    # accelerators.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()  # Cloud TPU pods: discovered automatically.
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if config.job not in JOBS:
+    raise app.UsageError(
+      f'config.job={config.job!r}; use one of {sorted(JOBS)}.'
+    )
+  metric_logging.quiet_library_logs()
+  if FLAGS.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
+  initialize_distributed()
+  logging.info(
+    'Process %d of %d; %d %s devices.',
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
+  job = importlib.import_module(JOBS[config.job])
+  job.run(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  app.run(main)
