@@ -445,21 +445,22 @@ class VisionTransformer(nn.Module):
       return jnp.mean(x, axis=1)
     return x  # 'unpooled', 'token_unpooled'
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    self._check()
-    dtype = common.compute_dtype(self.dtype)
-    x = self._tokens(images, train)
+  def _encode(self, tokens, train):
+    """Patch tokens (B, N, D) -> encoder output (B, N [+1], D), float32.
+
+    Prepends the class token (token classifiers) and runs the encoder.
+    """
+    x = tokens
     if self.classifier in ('token', 'token_unpooled'):
       cls = self.param(
         'cls',
         common.partitioned(nn.initializers.zeros, (None, None, 'embed')),
         (1, 1, self.hidden_size),
       )
-      cls = jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, x.shape[-1]))
+      cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
     x = common.constrain(x, ('batch', 'length', 'act_embed'))
-    x = Encoder(
+    return Encoder(
       num_layers=self.num_layers,
       mlp_dim=self.mlp_dim,
       num_heads=self.num_heads,
@@ -470,8 +471,13 @@ class VisionTransformer(nn.Module):
       remat_policy=self.remat_policy,
       name='Transformer',
     )(x, train=train)
-    # Pooling and head are cheap and run in float32 (the encoder's output
-    # dtype), so that the logits are not rounded to the compute dtype.
+
+  def _head(self, x):
+    """Encoder output -> pooled pre-logits features -> logits.
+
+    Pooling and head are cheap and run in float32 (the encoder's output
+    dtype), so that the logits are not rounded to the compute dtype.
+    """
     x = self._pool(x)
     if self.representation_size:
       x = nn.Dense(
@@ -497,3 +503,9 @@ class VisionTransformer(nn.Module):
       ),
       name='head',
     )(x)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    self._check()
+    tokens = self._tokens(images, train)
+    return self._head(self._encode(tokens, train))
