@@ -66,24 +66,28 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     dtype = common.compute_dtype(self.dtype)
-    dense = functools.partial(
-      nn.Dense,
-      dtype=dtype,
-      dot_general=common.dot_general(dtype),
-    )
     features = x.shape[-1]
-    x = dense(
+    # Both layers take float32 operands (dtype=None promotes to them) and
+    # round them to `dtype` inside their dot_general, so that the kernels'
+    # gradients are float32 products, never rounded to `dtype`. The hidden
+    # layer's bias and GELU run on its float32 product, rounded to `dtype`
+    # after the GELU: adding the bias in bfloat16 made its gradient a
+    # bfloat16 reduction over batch and tokens, which XLA:CPU runs as a slow
+    # tree of reduce-windows.
+    x = nn.Dense(
       self.mlp_dim,
+      dtype=None,
+      dot_general=common.dot_general(dtype, jnp.float32),
       kernel_init=common.partitioned(xavier_uniform, ('embed', 'mlp')),
       bias_init=common.partitioned(nn.initializers.normal(1e-6), ('mlp',)),
       name='Dense_0',
     )(x)
     x = common.constrain(x, ('batch', 'length', 'act_mlp'))
-    x = nn.gelu(x, approximate=True)
+    x = nn.gelu(x, approximate=True).astype(dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
     x = nn.Dense(
       features,
-      dtype=dtype,
+      dtype=None,
       # Added to the float32 residual stream: no rounding to `dtype`.
       dot_general=common.dot_general(dtype, jnp.float32),
       kernel_init=common.partitioned(xavier_uniform, ('mlp', 'embed')),
@@ -100,6 +104,78 @@ def attention_weights(query: jax.Array, key: jax.Array) -> jax.Array:
     'bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32
   )
   return jax.nn.softmax(logits * scale, axis=-1)
+
+
+def _attention_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def product_attention(
+  query: jax.Array, key: jax.Array, value: jax.Array
+) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v on (batch, length, heads, head_dim) inputs.
+
+  The same function as `jax.nn.dot_product_attention`, written so that all
+  six products of the forward and backward passes take operands of the
+  inputs' dtype and accumulate in float32, each as one batched matmul over
+  the (batch, length, heads, head_dim) layout. The softmax and its gradient
+  are float32. `jax.nn.dot_product_attention` computes its value product as
+  bfloat16 -> bfloat16 and its backward products with float32 cotangents;
+  XLA:CPU runs both as float32 matmuls, about 2x slower than this for the
+  forward and backward passes of a ViT-B/16 attention layer (batch 8) on an
+  AMX CPU, and it failed to run some of them at all (an unsupported
+  bfloat16 x bfloat16 -> float32 matmul) next to the bfloat16 backward
+  products of `common.mixed_dot_general`.
+  """
+  return _product_attention_fwd(query, key, value)[0]
+
+
+def _product_attention_fwd(query, key, value):
+  scale = query.shape[-1] ** -0.5
+  logits = _attention_dot('bqhd,bkhd->bhqk', query, key) * scale
+  weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
+  out = _attention_dot('bhqk,bkhd->bqhd', weights, value).astype(query.dtype)
+  return out, (query, key, value, weights, out)
+
+
+def _product_attention_bwd(residuals, out_grad):
+  query, key, value, weights, out = residuals
+  dtype = query.dtype
+  scale = query.shape[-1] ** -0.5
+  out_grad = out_grad.astype(dtype)
+  weights_grad = _attention_dot('bqhd,bkhd->bhqk', out_grad, value)
+  # Softmax backward: dS = P * (dP - rowsum(dP * P)), rowsum(dP * P) being
+  # rowsum(dO * O), which is cheaper.
+  row = jnp.einsum(
+    'bqhd,bqhd->bhq', out_grad.astype(jnp.float32), out.astype(jnp.float32)
+  )
+  logits_grad = (
+    weights.astype(jnp.float32) * (weights_grad - row[..., None]) * scale
+  ).astype(dtype)
+  query_grad = _attention_dot('bhqk,bkhd->bqhd', logits_grad, key)
+  key_grad = _attention_dot('bhqk,bqhd->bkhd', logits_grad, query)
+  value_grad = _attention_dot('bhqk,bqhd->bkhd', weights, out_grad)
+  return (
+    query_grad.astype(dtype),
+    key_grad.astype(dtype),
+    value_grad.astype(dtype),
+  )
+
+
+product_attention.defvjp(_product_attention_fwd, _product_attention_bwd)
+
+
+def use_product_attention(dtype) -> bool:
+  """Whether attention runs `product_attention` instead of jax.nn's.
+
+  Only for bfloat16 compute on CPUs (XLA:CPU), where
+  `jax.nn.dot_product_attention` runs as float32 matmuls (see
+  `product_attention`). Elsewhere `jax.nn.dot_product_attention`: it
+  dispatches to fused kernels on GPUs, and in float32 on XLA:CPU it was
+  not slower than `product_attention` in a ViT-B/16 training step.
+  """
+  return jax.default_backend() == 'cpu' and dtype == jnp.bfloat16
 
 
 def _flattened_init(init, num_input_dims: int):
@@ -150,12 +226,14 @@ class HeadProjection(nn.Module):
       tuple(range(x.ndim - self.num_input_dims, x.ndim)),
       tuple(range(self.num_input_dims)),
     )
-    y = jax.lax.dot_general(
-      x.astype(dtype),
-      kernel.astype(dtype),
-      (contract, ((), ())),
-      preferred_element_type=jnp.float32,
-    )
+    dimension_numbers = (contract, ((), ()))
+    if dtype == jnp.float32:
+      y = jax.lax.dot_general(x, kernel, dimension_numbers)
+    else:
+      # The float32 kernel goes in uncast: its gradient stays float32.
+      y = common.mixed_dot_general(
+        x, kernel, dimension_numbers, dtype, jnp.float32
+      )
     return (y + bias).astype(self.output_dtype or dtype)
 
 
@@ -208,6 +286,8 @@ class MultiHeadDotProductAttention(nn.Module):
         value,
         preferred_element_type=jnp.float32,
       ).astype(dtype)
+    elif use_product_attention(dtype):
+      out = product_attention(query, key, value)
     else:
       out = jax.nn.dot_product_attention(query, key, value)
     out = common.constrain(out, head_axes)

@@ -1,0 +1,224 @@
+"""Training steps of several settings and of timm, interleaved step by step.
+
+Starts one worker process per setting of this project (config overrides)
+and per timm dtype, each holding its model and compiled step, then runs
+`--steps` rounds in which every worker takes one training step in turn
+(A B C D A B C D ...), so that the load of a noisy machine falls on all of
+them alike. Prints, as a Markdown table, each worker's median and range of
+images/s, this project's rate over timm's in the same dtype (the median of
+the per-round ratios) and each worker's peak host memory (its own process).
+
+  python benchmarks/interleave.py --steps=15
+  python benchmarks/interleave.py --timm_dtypes= --settings=\
+'model.scan=True;model.scan=True,model.remat_policy=nothing_saveable'
+
+timm runs in its own environment (--timm_python; see the header of
+shared/bench/timm_step.py for its set-up); nothing of it is needed by this
+project or its tests. This file is also this project's worker
+(--worker=project).
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_BENCH = os.path.join(os.path.dirname(REPO), 'shared', 'bench')
+
+_MODEL = flags.DEFINE_string('model', 'ViT-B_16', 'Registry name.')
+_TIMM_MODEL = flags.DEFINE_string(
+  'timm_model', 'vit_base_patch16_224', 'The same model in timm.'
+)
+_BATCH = flags.DEFINE_integer('batch', 8, 'Batch size.')
+_RES = flags.DEFINE_integer('res', 224, 'Image size.')
+_STEPS = flags.DEFINE_integer('steps', 15, 'Timed steps of each worker.')
+_SETTINGS = flags.DEFINE_string(
+  'settings',
+  'model.dtype=bfloat16;model.dtype=float32',
+  "This project's settings: ';'-separated lists of ','-separated config "
+  'overrides.',
+)
+_TIMM_DTYPES = flags.DEFINE_list('timm_dtypes', ['bf16', 'fp32'], 'timm runs.')
+_TIMM_PYTHON = flags.DEFINE_string(
+  'timm_python', '/tmp/timm-venv/bin/python', "timm's interpreter."
+)
+_TIMM_PYTHONPATH = flags.DEFINE_string(
+  'timm_pythonpath',
+  os.path.join(SHARED_BENCH, 'torchvision_stub'),
+  "PYTHONPATH of timm's worker (the stand-in torchvision it imports).",
+)
+_WORKER = flags.DEFINE_enum(
+  'worker', None, ['project'], 'Run as a worker (used by the driver).'
+)
+_OVERRIDES = flags.DEFINE_list('overrides', [], "A project worker's setting.")
+
+_TIMM_DTYPES_OF = {'bfloat16': 'bf16', 'float32': 'fp32'}
+
+
+def project_worker():
+  """This project's step, one per 'step' line of stdin (see timm_worker).
+
+  Prints 'ready DTYPE' once warm, and its peak host memory at the end.
+  """
+  # Imported here: the driver runs without jax or the repository's modules.
+  sys.path.insert(0, REPO)
+  import jax
+
+  from configs import benchmark as benchmark_config
+  from vit_jax import benchmark
+
+  config = benchmark_config.get_config(_MODEL.value)
+  config.batch_size = _BATCH.value
+  config.image_size = _RES.value
+  config.update_from_flattened_dict(
+    dict((k, _parse(v)) for k, v in (o.split('=', 1) for o in _OVERRIDES.value))
+  )
+  setup = benchmark.build(config)
+  state = setup.new_state()
+  for _ in range(2):
+    state, metrics = setup.train_step(state, setup.batch)
+  jax.block_until_ready(metrics)
+  print(f'ready {config.model.dtype}', flush=True)
+  for line in sys.stdin:
+    if line.strip() != 'step':
+      break
+    start = time.perf_counter()
+    state, metrics = setup.train_step(state, setup.batch)
+    jax.block_until_ready((state, metrics))
+    print(time.perf_counter() - start, flush=True)
+  print(f'peak_bytes {benchmark.host_memory_peak_bytes()}', flush=True)
+
+
+def _parse(value: str):
+  """A command-line override's value: bool, int, float or string."""
+  if value in ('True', 'False'):
+    return value == 'True'
+  for kind in (int, float):
+    try:
+      return kind(value)
+    except ValueError:
+      pass
+  return value
+
+
+class Worker:
+  """A worker process, driven over its stdin and stdout."""
+
+  def __init__(self, name: str, command: list[str], env=None):
+    self.name = name
+    self.process = subprocess.Popen(
+      command,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+      env=env,
+      cwd=REPO,
+    )
+    self.times: list[float] = []
+    self.dtype = ''
+    self.peak_bytes: int | None = None
+
+  def wait_ready(self):
+    for line in self.process.stdout:
+      if line.startswith('ready'):
+        self.dtype = line.split()[1]
+        return
+    raise RuntimeError(f'Worker {self.name} exited before it was ready.')
+
+  def step(self):
+    self.process.stdin.write('step\n')
+    self.process.stdin.flush()
+    self.times.append(float(self.process.stdout.readline()))
+
+  def close(self):
+    self.process.stdin.close()
+    for line in self.process.stdout:
+      if line.startswith('peak_bytes'):
+        self.peak_bytes = int(line.split()[1])
+    self.process.wait(timeout=60)
+
+
+def _workers() -> list[Worker]:
+  common = [f'--model={_MODEL.value}', f'--batch={_BATCH.value}',
+            f'--res={_RES.value}']  # fmt: skip
+  workers = []
+  for setting in _SETTINGS.value.split(';'):
+    workers.append(
+      Worker(
+        f'this project {setting}',
+        [
+          sys.executable,
+          os.path.abspath(__file__),
+          '--worker=project',
+          f'--overrides={setting}',
+          *common,
+        ],
+      )
+    )
+  timm_env = dict(os.environ)
+  timm_env['PYTHONPATH'] = _TIMM_PYTHONPATH.value
+  for dtype in _TIMM_DTYPES.value:
+    workers.append(
+      Worker(
+        f'timm {dtype}',
+        [
+          _TIMM_PYTHON.value,
+          os.path.join(REPO, 'benchmarks', 'timm_worker.py'),
+          f'--model={_TIMM_MODEL.value}',
+          f'--dtype={dtype}',
+          *common[1:],
+        ],
+        env=timm_env,
+      )
+    )
+  return workers
+
+
+def main(argv):
+  del argv
+  if _WORKER.value == 'project':
+    project_worker()
+    return
+  workers = _workers()
+  try:
+    for worker in workers:
+      worker.wait_ready()
+    for _ in range(_STEPS.value):
+      for worker in workers:
+        worker.step()
+  finally:
+    for worker in workers:
+      worker.close()
+  batch = _BATCH.value
+  timm = {w.name.split()[-1]: w for w in workers if w.name.startswith('timm')}
+  lines = [
+    f'| {_MODEL.value}, batch {batch}, {_RES.value} px | img/s median | '
+    'min-max | vs timm, same dtype | peak host GiB |',
+    '|---|---|---|---|---|',
+  ]
+  for worker in workers:
+    rates = [batch / t for t in worker.times]
+    reference = timm.get(_TIMM_DTYPES_OF.get(worker.dtype, ''))
+    ratio = '-'
+    if reference is not None and reference is not worker:
+      ratio = statistics.median(
+        t / o for o, t in zip(worker.times, reference.times, strict=True)
+      )
+      ratio = f'{ratio:.2f}x'
+    memory = '-' if worker.peak_bytes is None else (
+      f'{worker.peak_bytes / 2**30:.2f}'
+    )  # fmt: skip
+    lines.append(
+      f'| {worker.name} | {statistics.median(rates):.2f} | '
+      f'{min(rates):.2f}-{max(rates):.2f} | {ratio} | {memory} |'
+    )
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  app.run(main)
