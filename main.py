@@ -19,6 +19,15 @@ from vit_jax import metric_logging
 # config.job -> the module whose `run(config, workdir)` does it.
 JOBS = {
   'pretrain': 'vit_jax.pretrain',
+  'benchmark': 'vit_jax.benchmark',
+  'finetune': 'vit_jax.finetune',
+  'vtab': 'vit_jax.vtab',
+  'export': 'vit_jax.export',
+  'evaluate': 'vit_jax.evaluate',
+  'fewshot': 'vit_jax.fewshot_job',
+  'inspect': 'vit_jax.inspect_job',
+  'predict': 'vit_jax.predict',
+  'flops': 'vit_jax.flops_job',
 }
 
 FLAGS = flags.FLAGS

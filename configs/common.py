@@ -61,13 +61,31 @@ FINETUNE_DATASETS = {
     steps=500, lrs=(0.001, 0.003, 0.01, 0.03), warmup=50
   ),
   'vtab': dict(steps=2_500, lrs=(0.01,), warmup=200),
+  # The embedded default: digits fine-tuned at a higher resolution.
+  'digits': dict(steps=300, lrs=(0.003, 0.01, 0.03), warmup=30),
 }
+
+# Table 2's headline ImageNet runs: higher resolution and Polyak averaging.
+HEADLINE_IMAGENET = {'ViT-L_16': 512, 'ViT-H_14': 518}
 
 
 def base() -> ml_collections.ConfigDict:
   """Every key any job reads, with neutral defaults."""
   config = ml_collections.ConfigDict()
   config.job = 'pretrain'
+  # What pretraining learns: 'supervised' (the labels) or
+  # 'masked_patch_prediction' (App. B.1.2; the labels are ignored).
+  config.objective = 'supervised'
+  # Masked patch prediction: of the patch embeddings, `corrupt_rate` are
+  # corrupted; of those, `mask_rate` become [mask], `random_rate` another
+  # patch's embedding and the rest stay. Each corrupted patch predicts its
+  # `target`: 'mean_color' (3-bit mean colour, 512 classes), 'downsized_color'
+  # (4x4 cells in 3-bit colour) or 'pixels' (L2 regression).
+  config.mpp = ml_collections.ConfigDict()
+  config.mpp.target = 'mean_color'
+  config.mpp.corrupt_rate = 0.5
+  config.mpp.mask_rate = 0.8
+  config.mpp.random_rate = 0.1
 
   # Model: a registry name plus attribute overrides (None keeps the
   # registry's value).
@@ -81,6 +99,13 @@ def base() -> ml_collections.ConfigDict:
   config.model.representation_size = config_dict.placeholder(int)
   config.model.classifier = config_dict.placeholder(str)
   config.model.head_bias_init = config_dict.placeholder(float)
+  # Architecture overrides (a tiny model, or a published .npz that comes
+  # without a description).
+  config.model.patch_size = config_dict.placeholder(int)
+  config.model.hidden_size = config_dict.placeholder(int)
+  config.model.num_layers = config_dict.placeholder(int)
+  config.model.mlp_dim = config_dict.placeholder(int)
+  config.model.num_heads = config_dict.placeholder(int)
   # None: from the dataset.
   config.num_classes = config_dict.placeholder(int)
   config.num_train_examples = config_dict.placeholder(int)
@@ -129,6 +154,7 @@ def base() -> ml_collections.ConfigDict:
 
   # Checkpoints, evaluation and logs.
   config.init = config_dict.placeholder(str)  # checkpoint to start from
+  config.export_npz = False  # also write workdir/model.npz at the end
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.log_every = 50
@@ -268,4 +294,62 @@ def pretrain_vitc(
     1 / 32
   )
   config.eval_every = 5_000
+  return config
+
+
+def finetune(model_name: str, dataset: str) -> ml_collections.ConfigDict:
+  """Table 4: the transfer recipe of one model on one dataset.
+
+  SGD with momentum 0.9, batch 512, no weight decay, global-norm clipping at
+  1, cosine decay after a short warm-up, at resolution 384 (512 and 518 with
+  Polyak averaging for the headline ImageNet runs of ViT-L/16 and ViT-H/14).
+  `sweep=True` runs the learning-rate grid, selects on the held-out split,
+  retrains on the whole training set and reports the test accuracy.
+  """
+  recipe_name = 'vtab' if dataset.startswith('vtab/') else dataset
+  if recipe_name not in FINETUNE_DATASETS:
+    raise ValueError(
+      f'No fine-tuning recipe for {dataset!r}; use one of '
+      f'{sorted(FINETUNE_DATASETS)} or vtab/<task>, or start from another '
+      'dataset and override --config.dataset.'
+    )
+  recipe = FINETUNE_DATASETS[recipe_name]
+  config = base()
+  config.job = 'finetune'
+  config.model_name = model_name
+  config.dataset = dataset
+  config.total_steps = recipe['steps']
+  config.lr_grid = recipe['lrs']
+  config.sweep = False
+  config.keep_representation = False  # the paper's "drop-head" variant
+  config.export_npz = True
+  config.image_size = 384
+  config.batch_size = 512
+  config.eval_batch_size = 512
+  config.pp.train_crop = 'inception'
+  config.pp.flip = True
+  config.loss = 'softmax_xent'
+  config.optimizer.name = 'sgd'
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip_norm = 1.0
+  config.lr.base = 0.01 if 0.01 in recipe['lrs'] else recipe['lrs'][0]
+  config.lr.warmup_steps = recipe['warmup']
+  config.lr.decay = 'cosine'
+  config.lr.end = 0.0
+  config.test_split = 'test'
+  config.eval_every = 0
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  if dataset == 'imagenet2012' and model_name in HEADLINE_IMAGENET:
+    config.image_size = HEADLINE_IMAGENET[model_name]
+    config.ema_decay = 0.9999
+  if dataset == 'digits':
+    config.image_size = 32
+    config.batch_size = 128
+    config.eval_batch_size = 256
+    config.pp.train_crop = 'resize'
+    config.pp.flip = False
+    config.log_every = 50
+    config.checkpoint_every = 100
   return config

@@ -42,4 +42,5 @@ def get_config():
   config.eval_every = 250
   config.checkpoint_every = 250
   config.keep_checkpoints = 2
+  config.export_npz = True  # workdir/model.npz, for fine-tuning elsewhere
   return config

@@ -6,20 +6,13 @@ back through the builder's own features, and reports N examples in every
 split, so split slicing and process shards work as on prepared data.
 """
 
-import contextlib
-import functools
-from unittest import mock
-
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.testing import mocking
 
+from mock_tfds import absolute_ranges, examples_of, mocked_tfds
 from vit_jax import data, sharding
 from vit_jax.data import presets
-
-N = 100  # ImageNet holds out 1% of train.
 
 # Classes per task, from the VTAB-1k task definitions.
 NUM_CLASSES = {
@@ -46,91 +39,6 @@ NUM_CLASSES = {
   'vtab/smallnorb_azimuth': 18,
   'vtab/smallnorb_elevation': 9,
 }
-
-
-def _objects(objects, count):
-  return {key: value[:count] for key, value in objects.items()}
-
-
-_EXAMPLES = {}
-
-
-def _examples(name: str, features) -> list[dict]:
-  """N raw examples of a builder, with controlled label fields."""
-  if name not in _EXAMPLES:
-    _EXAMPLES[name] = _make_examples(name, features)
-  return _EXAMPLES[name]
-
-
-def _make_examples(name: str, features) -> list[dict]:
-  rng = np.random.default_rng(0)
-  generator = mocking.RandomFakeGenerator(
-    features, N, constant_dynamic_shape=True
-  )
-  examples = list(generator)
-  for i, ex in enumerate(examples):
-    if name == 'clevr':
-      count = 3 + i % 8
-      ex['objects'] = _objects(ex['objects'], count)
-      # The closest object decides; spread it over all distance classes.
-      closest = rng.uniform(7.5, 10.5)
-      depths = closest + rng.uniform(0, 3, count) * (np.arange(count) > 0)
-      ex['objects']['pixel_coords'][:, 2] = rng.permutation(depths)
-    elif name == 'kitti':
-      count = 1 + i % 4
-      ex['objects'] = _objects(ex['objects'], count)
-      ex['objects']['type'] = rng.integers(0, 8, count)
-      ex['objects']['location'][:, 2] = rng.uniform(0, 30, count)
-      ex['objects']['bbox'] = np.tile([0.1, 0.2, 0.3, 0.4], [count, 1])
-    elif name == 'dsprites':
-      ex['image'] = rng.integers(0, 2, (64, 64, 1), dtype=np.uint8)
-    elif name == 'oxford_iiit_pet':
-      ex['head_bbox'] = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
-  return examples
-
-
-def _ranges(split, infos):
-  if isinstance(split, str):
-    split = tfds.core.ReadInstruction.from_spec(split)
-  return [(i.splitname, i.from_ or 0, i.to) for i in split.to_absolute(infos)]
-
-
-def _as_dataset(
-  self, split, decoders=None, read_config=None, shuffle_files=False
-):
-  """A builder's examples in a split, read back through its features."""
-  del read_config, shuffle_files
-  features = self.info.features
-  examples = _examples(self.name, features)
-  rows = [
-    ex for _, a, b in _ranges(split, self.info.splits) for ex in examples[a:b]
-  ]
-  serialized = [features.serialize_example(ex) for ex in rows]
-  return tf.data.Dataset.from_tensor_slices(serialized).map(
-    functools.partial(features.deserialize_example, decoders=decoders)
-  )
-
-
-@contextlib.contextmanager
-def _mock_tfds():
-  splits = tfds.core.SplitDict(
-    [
-      tfds.core.SplitInfo(name=name, shard_lengths=[N], num_bytes=0)
-      for name in ('train', 'validation', 'test', 'full')
-    ]
-  )
-  with (
-    tfds.testing.mock_data(
-      policy=tfds.testing.MockPolicy.USE_CODE, as_dataset_fn=_as_dataset
-    ),
-    mock.patch.object(
-      tfds.core.DatasetInfo,
-      'splits',
-      new_callable=mock.PropertyMock,
-      return_value=splits,
-    ),
-  ):
-    yield
 
 
 def _expected_label(name: str, ex: dict):
@@ -163,9 +71,11 @@ def _expected_label(name: str, ex: dict):
 def _test_examples(name: str, builder):
   """The raw examples of a preset's test split, in order."""
   spec = presets.PRESETS[name].splits['test']
-  examples = _examples(builder.name, builder.info.features)
+  examples = examples_of(builder.name, builder.info.features)
   return [
-    ex for _, a, b in _ranges(spec, builder.info.splits) for ex in examples[a:b]
+    ex
+    for _, a, b in absolute_ranges(spec, builder.info.splits)
+    for ex in examples[a:b]
   ]
 
 
@@ -182,7 +92,7 @@ def test_preset_on_mock_data(name, mesh):
   config.batch_size = 8
   config.eval_batch_size = 16
   config.loss = 'sigmoid_xent'
-  with _mock_tfds():
+  with mocked_tfds():
     ds = data.get_dataset(config, mesh)
     preset = presets.PRESETS[name]
     test_builder = tfds.builder(
@@ -229,7 +139,7 @@ def test_mock_tfds_stream_resumes_across_epochs(mesh):
   config.batch_size = 8
   config.shuffle_buffer = 16
   config.pp.mixup_alpha = 0.2
-  with _mock_tfds():
+  with mocked_tfds():
     ds = data.get_dataset(config, mesh)
     # 98 train examples: step 12 holds the end of epoch 0 and the start of 1.
     full = ds.local_train_iter()

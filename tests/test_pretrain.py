@@ -37,12 +37,7 @@ TINY = {
 
 def tiny_config(**overrides):
   config = digits_config.get_config()
-  for key, value in {**TINY, **overrides}.items():
-    target = config
-    *path, name = key.split('.')
-    for part in path:
-      target = target[part]
-    target[name] = value
+  config.update_from_flattened_dict({**TINY, **overrides})
   return config
 
 

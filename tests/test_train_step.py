@@ -249,3 +249,28 @@ def test_adamw_follows_the_papers_weight_decay():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates['b'], [-0.01], rtol=1e-5)
   np.testing.assert_allclose(updates['w'], -0.01 * (1 + 0.1), rtol=1e-5)
+
+
+def test_vit_h14_state_is_sharded_under_fsdp():
+  """Sharded initialisation: no device holds more than its share of ViT-H."""
+  model = models.get_model('ViT-H_14', 1000, scan=True)
+  config = optimizer_config('adam')
+  tx = optim.make_optimizer(
+    config.optimizer, optim.learning_rate_schedule(config.lr, 10)
+  )
+  mesh = sharding.create_mesh(8, 1)
+  layout = train_state.state_layout(
+    lambda rng: model.init(rng, jnp.zeros((1, 224, 224, 3))),
+    tx, False, mesh, 'fsdp',
+  )  # fmt: skip
+  total = per_device = 0
+  for x in jax.tree.leaves(layout.abstract):
+    size = math.prod(x.shape) * x.dtype.itemsize
+    shard = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    total += size
+    per_device += shard
+    if math.prod(x.shape) >= 1_000_000:  # Every large array is split 8 ways.
+      assert shard * 8 == size, x
+  # 632M parameters plus two Adam moments, in float32.
+  assert total > 3 * 632_000_000 * 4
+  assert per_device < total / 8 * 1.01

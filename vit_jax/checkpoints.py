@@ -19,6 +19,7 @@ Batch statistics (only the ViTc stem has any) are stored under a
 `batch_stats/` prefix.
 """
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -207,11 +208,21 @@ def save_npz(
   path: str | os.PathLike,
   params: Mapping[str, Any],
   batch_stats: Mapping[str, Any] | None = None,
+  description: Mapping[str, Any] | None = None,
 ) -> None:
   """Writes params (and batch statistics) as a published-layout .npz.
 
   The file is written beside its destination and renamed into place, so an
   interrupted save never leaves a truncated file at `path`.
+
+  Args:
+    path: the .npz file.
+    params: the parameter tree (any block layout or numbering).
+    batch_stats: BatchNorm statistics, for models that have them.
+    description: the model's description (registry name and attribute
+      overrides, as the training jobs save it), written beside the file as
+      `<name>.json` so that this project can rebuild the model; other tools
+      only read the .npz.
   """
   flat = to_published(params)
   if batch_stats:
@@ -225,6 +236,15 @@ def save_npz(
   with tmp.open('wb') as f:
     np.savez(f, **flat)
   tmp.rename(path)
+  if description is not None:
+    path.with_suffix('.json').write_text(
+      json.dumps(dict(description), indent=2)
+    )
+
+
+def read_description(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a model description written by `save_npz`."""
+  return json.loads(epath.Path(path).read_text())
 
 
 def _read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -50,7 +50,7 @@ class Task:
 
   Attributes:
     model: the Flax module trained.
-    loss_fn: per-example loss of (logits, labels).
+    loss_fn: per-example loss of (model outputs, targets).
     description: JSON-able model description saved with every checkpoint;
       a workdir is only resumed by a task with the same description.
     initial_variables: returns host variables for the first state (e.g. a
@@ -58,6 +58,13 @@ class Task:
     extra_eval: an evaluation run every `extra_eval_every` steps on the
       state (e.g. few-shot linear probes), returning metrics to log.
     extra_eval_every: its period in steps; 0 disables it.
+    target: the batch entry the outputs are compared with: 'labels', or
+      'images' for a self-supervised objective.
+    rng_streams: RNG streams the model draws from besides 'dropout' (keys
+      derived from the seed and step in training, from the seed in
+      evaluation).
+    eval_metrics: what evaluation reports; top-1 accuracy and mean loss
+      (`steps.classification_metrics`) by default.
   """
 
   model: nn.Module
@@ -66,6 +73,13 @@ class Task:
   initial_variables: Callable[[], PyTree] | None = None
   extra_eval: Callable[[train_state.TrainState], dict[str, float]] | None = None
   extra_eval_every: int = 0
+  target: str = 'labels'
+  rng_streams: tuple[str, ...] = ()
+  eval_metrics: steps.EvalMetrics | None = None
+
+  def __post_init__(self):
+    if self.eval_metrics is None:
+      self.eval_metrics = steps.classification_metrics(self.loss_fn)
 
 
 def model_from_config(
@@ -148,11 +162,11 @@ def _average(pending: list[tuple[int, dict]]) -> dict[str, float]:
 
 
 def _abstract_batch(
-  config, task: Task, mesh
+  config, ds: data.Dataset, mesh
 ) -> dict[str, jax.ShapeDtypeStruct]:
   batch_sharding = sharding.batch_sharding(mesh)
   size, batch = config.image_size, config.batch_size
-  classes = task.description['num_classes']
+  classes = ds.num_classes
   return {
     'images': jax.ShapeDtypeStruct(
       (batch, size, size, 3), np.float32, sharding=batch_sharding
@@ -192,10 +206,13 @@ def _train(config, task, ds, state, train_step, eval_step, checkpoints, logger,
 
   def evaluate(split: str, prefix: str) -> dict[str, float]:
     variables = state.variables(ema=use_ema)
-    metrics = steps.evaluate(eval_step, variables, ds.eval_iter(split))
+    metrics = steps.evaluate(
+      eval_step, variables, ds.eval_iter(split), task.eval_metrics.summarize
+    )
     return {
-      f'{prefix}_accuracy': metrics['accuracy'],
-      f'{prefix}_loss': metrics['loss'],
+      f'{prefix}_{name}': value
+      for name, value in metrics.items()
+      if name != 'examples'
     }
 
   step = start_step = int(state.step)
@@ -312,15 +329,25 @@ def train_and_evaluate(
         kind=config.step,
         accum_steps=config.grad_accum_steps,
         ema_decay=config.ema_decay,
+        target=task.target,
+        rng_streams=task.rng_streams,
       )
       train_step = train_step.lower(
-        layout.abstract, _abstract_batch(config, task, mesh)
+        layout.abstract, _abstract_batch(config, ds, mesh)
       ).compile()
       logging.info(
         'Compiled the train step in %.1f s.',
         time.perf_counter() - compile_start,
       )
-      eval_step = steps.make_eval_step(task.model, task.loss_fn, mesh)
+      eval_step = steps.make_eval_step(
+        task.model,
+        task.loss_fn,
+        mesh,
+        metrics=task.eval_metrics,
+        target=task.target,
+        rng_streams=task.rng_streams,
+        seed=config.seed,
+      )
       # 6. Train.
       results = _train(
         config, task, ds, state, train_step, eval_step, checkpoints, logger,

@@ -1,11 +1,31 @@
-"""The pretraining job: a model trained from scratch on the shared loop."""
+"""The pretraining job: a model trained from scratch on the shared loop.
+
+`config.objective` picks what it learns: 'supervised' (the labels) or
+'masked_patch_prediction' (self-supervised, vit_jax/mpp.py).
+"""
 
 import ml_collections
 
-from vit_jax import data, loop, steps
+from vit_jax import data, export, fewshot_job, loop, mpp, steps
+
+SUPERVISED = 'supervised'
+OBJECTIVES = (SUPERVISED, mpp.OBJECTIVE)
 
 
 def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> loop.Task:
+  """The Task of `config.objective`."""
+  if config.objective == mpp.OBJECTIVE:
+    return mpp.make_task(config, ds)
+  if config.objective != SUPERVISED:
+    raise ValueError(
+      f'config.objective={config.objective!r}; use one of {OBJECTIVES}.'
+    )
+  return supervised_task(config, ds)
+
+
+def supervised_task(
+  config: ml_collections.ConfigDict, ds: data.Dataset
+) -> loop.Task:
   """Supervised pretraining: the configured model, loss and classes."""
   num_classes = config.num_classes or ds.num_classes
   if num_classes != ds.num_classes:
@@ -23,4 +43,9 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> loop.Task:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  return loop.train_and_evaluate(config, workdir, make_task)
+  results = loop.train_and_evaluate(
+    config, workdir, fewshot_job.with_periodic_probes(make_task)
+  )
+  if config.export_npz and 'preempted_at_step' not in results:
+    export.export_npz(workdir, ema=config.ema_decay > 0)
+  return results

@@ -6,14 +6,19 @@ Two train steps compute the same update:
 - `shard_map`: explicit data parallelism; each device runs the step on its
   slice of the batch and the loss is averaged over the 'data' axis (the
   gradient of that mean is the mean gradient).
+
+The loss compares the model's outputs with one entry of the batch, its
+targets: the labels, or the images for a self-supervised objective.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -21,7 +26,10 @@ from jax.sharding import PartitionSpec as P
 from vit_jax import sharding
 from vit_jax.train_state import StateLayout, TrainState
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+# Per-example loss of (model outputs, targets).
+LossFn = Callable[[Any, jax.Array], jax.Array]
+# An evaluation's totals over a split -> the metrics reported.
+Summarize = Callable[[dict[str, np.ndarray]], dict[str, float]]
 STEPS = ('jit', 'shard_map')
 
 
@@ -47,19 +55,73 @@ def get_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
   )
 
 
-def _apply(model, variables, images, train, rng):
-  """Runs the model; returns logits and the updated batch statistics."""
+@dataclasses.dataclass(frozen=True)
+class EvalMetrics:
+  """What evaluation measures.
+
+  Attributes:
+    sums: (model outputs, targets, mask) -> a dict of sums over the batch,
+      where mask is 1 for the examples of the split and 0 for padding; they
+      are added up over the split.
+    summarize: the split's totals (numpy) -> the metrics reported.
+  """
+
+  sums: Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
+  summarize: Summarize
+
+
+def _classification_summary(totals: dict[str, np.ndarray]) -> dict[str, float]:
+  count = max(float(totals['count']), 1.0)
+  return {
+    'accuracy': float(totals['correct']) / count,
+    'loss': float(totals['loss_sum']) / count,
+    'examples': int(totals['count']),
+  }
+
+
+def classification_metrics(loss_fn: LossFn) -> EvalMetrics:
+  """Top-1 accuracy and mean loss of logits against (multi-hot) labels.
+
+  A prediction is correct when its top-1 class has a positive label: plain
+  top-1 accuracy for one-hot labels, and ReaL accuracy for multi-hot label
+  sets, where examples with an empty set do not count (as in ImageNet ReaL).
+  Padding examples (mask 0) never count.
+  """
+
+  def sums(logits, labels, mask):
+    valid = mask * (jnp.max(labels, axis=-1) > 0)
+    top1 = jnp.argmax(logits, axis=-1)
+    correct = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
+    return {
+      'correct': jnp.sum(correct * valid),
+      'count': jnp.sum(valid),
+      'loss_sum': jnp.sum(loss_fn(logits, labels) * valid),
+    }
+
+  return EvalMetrics(sums, _classification_summary)
+
+
+def _rngs(rng: jax.Array, streams: Sequence[str]) -> dict[str, jax.Array]:
+  """The model's RNG keys: `rng` for dropout, a fold-in of it per stream."""
+  keys = {'dropout': rng}
+  for i, name in enumerate(streams, start=1):
+    keys[name] = jax.random.fold_in(rng, i)
+  return keys
+
+
+def _apply(model, variables, images, train, rngs):
+  """Runs the model; returns its outputs and the updated batch statistics."""
   if 'batch_stats' not in variables:
-    logits = model.apply(variables, images, train=train, rngs={'dropout': rng})
-    return logits, {}
-  logits, updates = model.apply(
+    outputs = model.apply(variables, images, train=train, rngs=rngs)
+    return outputs, {}
+  outputs, updates = model.apply(
     variables,
     images,
     train=train,
-    rngs={'dropout': rng},
+    rngs=rngs,
     mutable=['batch_stats'],
   )
-  return logits, updates['batch_stats']
+  return outputs, updates['batch_stats']
 
 
 def _microbatches(x: jax.Array, num: int, mesh: Mesh | None) -> jax.Array:
@@ -81,6 +143,7 @@ def _gradients(
   params,
   batch_stats,
   batch: dict[str, jax.Array],
+  target: str,
   rng: jax.Array,
   accum_steps: int,
   mesh: Mesh | None,
@@ -88,18 +151,18 @@ def _gradients(
   """Loss, gradient and new batch statistics, over `accum_steps` micro-batches.
 
   Args:
-    loss_of_params: (params, batch_stats, images, labels, rng) -> (loss, new
+    loss_of_params: (params, batch_stats, images, targets, rng) -> (loss, new
       batch_stats); the mean loss of a (micro-)batch.
   """
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
   if accum_steps == 1:
     (loss, batch_stats), grads = grad_fn(
-      params, batch_stats, batch['images'], batch['labels'], rng
+      params, batch_stats, batch['images'], batch[target], rng
     )
     return loss, grads, batch_stats
 
   images = _microbatches(batch['images'], accum_steps, mesh)
-  labels = _microbatches(batch['labels'], accum_steps, mesh)
+  labels = _microbatches(batch[target], accum_steps, mesh)
 
   def accumulate(carry, inputs):
     loss_sum, grad_sum, stats = carry
@@ -132,6 +195,8 @@ def make_train_step(
   kind: str = 'jit',
   accum_steps: int = 1,
   ema_decay: float = 0.0,
+  target: str = 'labels',
+  rng_streams: Sequence[str] = (),
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
   """Builds the compiled `(state, batch) -> (state, metrics)` step.
 
@@ -140,14 +205,17 @@ def make_train_step(
   Args:
     model: the Flax module.
     tx: the optimizer.
-    loss_fn: per-example loss of (logits, labels).
+    loss_fn: per-example loss of (model outputs, targets).
     schedule: the learning-rate schedule (only reported in the metrics).
-    seed: dropout randomness is derived from (seed, step).
+    seed: dropout randomness (and every RNG stream's) is derived from (seed,
+      step).
     mesh: the device mesh.
     layout: the state's shapes and shardings.
     kind: 'jit' or 'shard_map' (data parallel only).
     accum_steps: micro-batches per step (gradient accumulation).
     ema_decay: Polyak averaging of the parameters; 0 disables it.
+    target: the batch entry the loss compares the outputs with.
+    rng_streams: RNG streams the model draws from besides 'dropout'.
   """
   if kind not in STEPS:
     raise ValueError(f'config.step={kind!r}; use one of {STEPS}.')
@@ -177,12 +245,14 @@ def make_train_step(
 
   if kind == 'jit':
 
-    def mean_loss(params, batch_stats, images, labels, rng):
+    def mean_loss(params, batch_stats, images, targets, rng):
       variables = {'params': params}
       if batch_stats:
         variables['batch_stats'] = batch_stats
-      logits, new_stats = _apply(model, variables, images, True, rng)
-      return jnp.mean(loss_fn(logits, labels)), new_stats
+      outputs, new_stats = _apply(
+        model, variables, images, True, _rngs(rng, rng_streams)
+      )
+      return jnp.mean(loss_fn(outputs, targets)), new_stats
 
     def train_step(state, batch):
       loss, grads, batch_stats = _gradients(
@@ -190,6 +260,7 @@ def make_train_step(
         state.params,
         state.batch_stats,
         batch,
+        target,
         step_rng(state.step),
         accum_steps,
         mesh,
@@ -210,12 +281,14 @@ def make_train_step(
       else model
     )
 
-    def mean_loss(params, batch_stats, images, labels, rng):
+    def mean_loss(params, batch_stats, images, targets, rng):
       variables = {'params': params}
       if batch_stats:
         variables['batch_stats'] = batch_stats
-      logits, new_stats = _apply(local_model, variables, images, True, rng)
-      loss = jnp.mean(loss_fn(logits, labels))
+      outputs, new_stats = _apply(
+        local_model, variables, images, True, _rngs(rng, rng_streams)
+      )
+      loss = jnp.mean(loss_fn(outputs, targets))
       return jax.lax.pmean(loss, sharding.DATA), new_stats
 
     def local_step(state, batch):
@@ -229,6 +302,7 @@ def make_train_step(
           state.params,
           state.batch_stats,
           batch,
+          target,
           rng,
           accum_steps,
           None,
@@ -253,27 +327,36 @@ def make_train_step(
 
 
 def make_eval_step(
-  model: nn.Module, loss_fn: LossFn, mesh: Mesh
+  model: nn.Module,
+  loss_fn: LossFn,
+  mesh: Mesh,
+  *,
+  metrics: EvalMetrics | None = None,
+  target: str = 'labels',
+  rng_streams: Sequence[str] = (),
+  seed: int = 0,
 ) -> Callable[[dict, dict[str, jax.Array]], dict[str, jax.Array]]:
   """Builds the compiled `(variables, batch) -> sums` evaluation step.
 
-  A prediction is correct when its top-1 class has a positive label: plain
-  top-1 accuracy for one-hot labels, and ReaL accuracy for multi-hot label
-  sets, where examples with an empty set do not count (as in ImageNet ReaL).
-  Padding examples (mask 0) never count.
+  Args:
+    model: the Flax module.
+    loss_fn: per-example loss of (model outputs, targets).
+    mesh: the device mesh.
+    metrics: what to measure; `classification_metrics(loss_fn)` by default.
+    target: the batch entry the outputs are compared with.
+    rng_streams: RNG streams the model draws from (besides 'dropout').
+    seed: their keys are derived from it, the same for every batch.
   """
+  metrics = metrics or classification_metrics(loss_fn)
 
   def eval_step(variables, batch):
-    logits = model.apply(variables, batch['images'], train=False)
-    labels = batch['labels']
-    valid = batch['mask'] * (jnp.max(labels, axis=-1) > 0)
-    top1 = jnp.argmax(logits, axis=-1)
-    correct = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
-    return {
-      'correct': jnp.sum(correct * valid),
-      'count': jnp.sum(valid),
-      'loss_sum': jnp.sum(loss_fn(logits, labels) * valid),
-    }
+    outputs = model.apply(
+      variables,
+      batch['images'],
+      train=False,
+      rngs=_rngs(jax.random.key(seed), rng_streams),
+    )
+    return metrics.sums(outputs, batch[target], batch['mask'])
 
   return jax.jit(
     eval_step,
@@ -282,18 +365,22 @@ def make_eval_step(
   )
 
 
-def evaluate(eval_step: Callable, variables: dict, batches) -> dict[str, float]:
-  """Accuracy and mean loss over an iterable of padded, masked batches."""
+def evaluate(
+  eval_step: Callable,
+  variables: dict,
+  batches,
+  summarize: Summarize = _classification_summary,
+) -> dict[str, float]:
+  """The metrics of an iterable of padded, masked batches.
+
+  `summarize` turns the eval step's totals into metrics (`EvalMetrics`); the
+  default gives the accuracy, mean loss and examples of
+  `classification_metrics`.
+  """
   totals: dict[str, Any] = {}
   for batch in batches:
     sums = eval_step(variables, batch)
     totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
   if not totals:
     raise ValueError('The evaluation split is empty.')
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {
-    'accuracy': float(totals['correct']) / count,
-    'loss': float(totals['loss_sum']) / count,
-    'examples': int(totals['count']),
-  }
+  return summarize(jax.device_get(totals))

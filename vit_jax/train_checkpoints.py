@@ -33,16 +33,27 @@ class Checkpoints:
     self, directory: str | epath.Path, keep: int = 3, read_only: bool = False
   ):
     self.directory = epath.Path(directory)
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=True,
-      ),
-      item_names=(STATE, MODEL),
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=True,
     )
+    if read_only:
+      # Readers inspect the state's metadata before restoring parts of it,
+      # so its handler must be known up front.
+      self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={
+          STATE: ocp.PyTreeCheckpointHandler(),
+          MODEL: ocp.JsonCheckpointHandler(),
+        },
+      )
+    else:
+      self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE, MODEL)
+      )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

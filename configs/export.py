@@ -1,0 +1,15 @@
+"""Export a training workdir as a published-layout .npz:
+
+python main.py --config=configs/export.py --config.init=WORKDIR --workdir=OUT
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.job = 'export'
+  config.init = config_dict.placeholder(str)  # the workdir to export
+  config.ema = False  # export the Polyak-averaged weights instead
+  return config
