@@ -4,7 +4,10 @@ XLA reads its flags when jax initialises its backends, so they are set here,
 before any test module imports jax.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = ' '.join(
   [
@@ -17,3 +20,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # and quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+# One persistent compilation cache for the session, shared by the pytest-xdist
+# workers (they inherit this environment) and the main.py runs the tests
+# start (helpers.COMPILATION_CACHE_FLAG): the many small programs that several
+# tests build alike compile once. Kept out of the user's own cache.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='vit_jax_tests_xla_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')

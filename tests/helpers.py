@@ -1,9 +1,16 @@
 """Small models and random inputs shared by the tests."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# main.py's flag for the session's compilation cache (see conftest.py).
+COMPILATION_CACHE_FLAG = (
+  f'--compilation_cache={os.environ["JAX_COMPILATION_CACHE_DIR"]}'
+)
 
 TINY_VIT = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2)
 

@@ -16,7 +16,13 @@ from PIL import Image
 from test_pretrain import TINY, tiny_config
 
 from configs import common
-from helpers import TINY_VIT, abstract_params, init_params, randomize
+from helpers import (
+  COMPILATION_CACHE_FLAG,
+  TINY_VIT,
+  abstract_params,
+  init_params,
+  randomize,
+)
 from mock_tfds import mocked_tfds
 from vit_jax import (
   checkpoints,
@@ -276,7 +282,7 @@ def test_a_killed_finetune_resumes_to_the_same_result(
     sys.executable, str(ROOT / 'main.py'),
     f'--config={ROOT / "configs/finetune.py"}:ViT-Ti_16,digits',
     f'--config.dataset={patterns}', f'--config.init={pretrained}',
-    f'--workdir={tmp_path}', '--compilation_cache=', *flags,
+    f'--workdir={tmp_path}', COMPILATION_CACHE_FLAG, *flags,
   ]  # fmt: skip
   process = subprocess.Popen(
     command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

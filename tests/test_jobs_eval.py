@@ -29,7 +29,7 @@ from configs import fewshot as fewshot_config
 from configs import flops as flops_config
 from configs import inspect as inspect_config
 from configs import predict as predict_config
-from helpers import init_params
+from helpers import COMPILATION_CACHE_FLAG, init_params
 from vit_jax import (
   checkpoint_jobs,
   checkpoints,
@@ -420,7 +420,7 @@ def test_predict_through_main(trained, digit_files, tmp_path):
     '--config.dataset=digits',
     '--config.top_k=2',
     f'--workdir={tmp_path}',
-    '--compilation_cache=',
+    COMPILATION_CACHE_FLAG,
   ]
   run = subprocess.run(
     command, capture_output=True, text=True, timeout=300, check=False

@@ -14,6 +14,7 @@ import pytest
 
 from configs import common
 from configs import digits as digits_config
+from helpers import COMPILATION_CACHE_FLAG
 from vit_jax import loop, pretrain, train_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def main_command(workdir, *extra, **overrides):
     str(ROOT / 'main.py'),
     f'--config={ROOT / "configs/digits.py"}',
     f'--workdir={workdir}',
-    '--compilation_cache=',
+    COMPILATION_CACHE_FLAG,
     *flags,
     *extra,
   ]
