@@ -243,16 +243,29 @@ def make_train_step(
   def step_rng(step):
     return jax.random.fold_in(jax.random.key(seed), step)
 
-  if kind == 'jit':
+  def mean_loss_of(module, data_axis=None):
+    """The batch's mean loss and new BatchNorm statistics.
+
+    With `data_axis` (inside shard_map) the mean is over every device's
+    slice: `grad` of it is the global gradient.
+    """
 
     def mean_loss(params, batch_stats, images, targets, rng):
       variables = {'params': params}
       if batch_stats:
         variables['batch_stats'] = batch_stats
       outputs, new_stats = _apply(
-        model, variables, images, True, _rngs(rng, rng_streams)
+        module, variables, images, True, _rngs(rng, rng_streams)
       )
-      return jnp.mean(loss_fn(outputs, targets)), new_stats
+      loss = jnp.mean(loss_fn(outputs, targets))
+      if data_axis is not None:
+        loss = jax.lax.pmean(loss, data_axis)
+      return loss, new_stats
+
+    return mean_loss
+
+  if kind == 'jit':
+    mean_loss = mean_loss_of(model)
 
     def train_step(state, batch):
       loss, grads, batch_stats = _gradients(
@@ -280,16 +293,7 @@ def make_train_step(
       if hasattr(model, 'bn_axis_name')
       else model
     )
-
-    def mean_loss(params, batch_stats, images, targets, rng):
-      variables = {'params': params}
-      if batch_stats:
-        variables['batch_stats'] = batch_stats
-      outputs, new_stats = _apply(
-        local_model, variables, images, True, _rngs(rng, rng_streams)
-      )
-      loss = jnp.mean(loss_fn(outputs, targets))
-      return jax.lax.pmean(loss, sharding.DATA), new_stats
+    mean_loss = mean_loss_of(local_model, sharding.DATA)
 
     def local_step(state, batch):
       rng = jax.random.fold_in(
