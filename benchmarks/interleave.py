@@ -12,9 +12,11 @@ the per-round ratios) and each worker's peak host memory (its own process).
   python benchmarks/interleave.py --timm_dtypes= --settings=\
 'model.scan=True;model.scan=True,model.remat_policy=nothing_saveable'
 
-timm runs in its own environment (--timm_python; see the header of
-shared/bench/timm_step.py for its set-up); nothing of it is needed by this
-project or its tests. This file is also this project's worker
+timm runs in its own environment (--timm_python), e.g.
+`python3 -m venv /tmp/timm-venv && /tmp/timm-venv/bin/pip install torch timm`;
+--timm_pythonpath adds to its PYTHONPATH (where torchvision has no wheel, a
+directory holding a stand-in that lets timm import). Nothing of it is needed
+by this project or its tests. This file is also this project's worker
 (--worker=project).
 """
 
@@ -27,7 +29,6 @@ import time
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_BENCH = os.path.join(os.path.dirname(REPO), 'shared', 'bench')
 
 _MODEL = flags.DEFINE_string('model', 'ViT-B_16', 'Registry name.')
 _TIMM_MODEL = flags.DEFINE_string(
@@ -48,8 +49,8 @@ _TIMM_PYTHON = flags.DEFINE_string(
 )
 _TIMM_PYTHONPATH = flags.DEFINE_string(
   'timm_pythonpath',
-  os.path.join(SHARED_BENCH, 'torchvision_stub'),
-  "PYTHONPATH of timm's worker (the stand-in torchvision it imports).",
+  '',
+  "Extra PYTHONPATH of timm's worker (e.g. a stand-in torchvision).",
 )
 _WORKER = flags.DEFINE_enum(
   'worker', None, ['project'], 'Run as a worker (used by the driver).'

@@ -1,6 +1,6 @@
 """timm's ViT training step as an interleaving worker (timm's environment).
 
-The step of shared/bench/timm_step.py (forward, cross-entropy, backward,
+The usual timm training step (forward, cross-entropy, backward,
 global-norm clipping at 1, SGD with momentum 0.9 on random 224x224 inputs),
 run one at a time on request: after its warm-up it prints 'ready', then
 runs one step per 'step' line read from stdin and prints its seconds.
