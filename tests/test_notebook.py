@@ -15,10 +15,10 @@ def test_finetune_notebook_runs(tmp_path):
   for cell in notebook.cells:
     if 'PRETRAIN_STEPS =' in cell.source:
       cell.source = re.sub(
-        r'PRETRAIN_STEPS = \d+', 'PRETRAIN_STEPS = 150', cell.source
+        r'PRETRAIN_STEPS = \d+', 'PRETRAIN_STEPS = 100', cell.source
       )
       cell.source = re.sub(
-        r'FINETUNE_STEPS = \d+', 'FINETUNE_STEPS = 60', cell.source
+        r'FINETUNE_STEPS = \d+', 'FINETUNE_STEPS = 40', cell.source
       )
       cell.source = re.sub(
         r"WORKDIR = '.*'", f"WORKDIR = '{tmp_path}'", cell.source
@@ -36,6 +36,6 @@ def test_finetune_notebook_runs(tmp_path):
   outputs = [o for cell in notebook.cells for o in cell.get('outputs', [])]
   text = ''.join(o.get('text', '') for o in outputs)
   accuracy = float(re.search(r'test accuracy ([\d.]+)', text).group(1))
-  assert accuracy > 0.5  # 10 classes: chance is 0.1
+  assert accuracy > 0.3  # 10 classes: chance is 0.1
   assert any('image/png' in o.get('data', {}) for o in outputs)
   assert (tmp_path / 'finetune' / 'model.npz').exists()
