@@ -32,7 +32,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vit_jax import flops, optim, sharding, steps, train_state
+from vit_jax import flops, models, optim, sharding, steps, train_state
 from vit_jax.models import get_model
 
 _CACHE_HIT = '/jax/compilation_cache/cache_hits'
@@ -132,10 +132,6 @@ class _CacheEvents:
 
   def __exit__(self, *exc):
     jax.monitoring.unregister_event_listener(self)
-
-
-def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return {k: v for k, v in config.model.to_dict().items() if v is not None}
 
 
 def _random_batch(config, mesh, num_classes: int) -> dict[str, jax.Array]:
@@ -288,7 +284,7 @@ class Setup:
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Builds and compiles the project's training step for `config`."""
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
-  overrides = _model_overrides(config)
+  overrides = models.config_overrides(config.model)
   num_classes = config.num_classes
   model = get_model(config.model_name, num_classes, **overrides)
   schedule = optim.learning_rate_schedule(config.lr, config.benchmark.steps + 1)

@@ -28,7 +28,15 @@ from etils import epath
 from jax.sharding import Mesh
 from ml_collections import config_dict
 
-from vit_jax import checkpoints, data, inspection, loop, sharding, transfer
+from vit_jax import (
+  checkpoints,
+  data,
+  inspection,
+  loop,
+  models,
+  sharding,
+  transfer,
+)
 from vit_jax.models import VisionTransformer
 
 PyTree = Any
@@ -239,7 +247,7 @@ def load(config: ml_collections.ConfigDict) -> Checkpoint:
       'directory, or a training workdir.'
     )
   variables, description = transfer.load_checkpoint(config.init, config.ema)
-  overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  overrides = models.config_overrides(config.model)
   model, trained_size = transfer.model_for_checkpoint(
     variables, description, config.model_name, **overrides
   )

@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vit_jax import data, export, loop, sharding, steps, transfer
+from vit_jax import data, loop, models, sharding, steps, transfer
 from vit_jax.models import get_model
 
 RANDOM_INIT = 'random'
@@ -51,9 +51,7 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> loop.Task:
     variables, description = transfer.load_checkpoint(config.init)
     _check_same_model(config, description)
   overrides = transfer.architecture(description)
-  overrides.update(
-    {k: v for k, v in config.model.to_dict().items() if v is not None}
-  )
+  overrides.update(models.config_overrides(config.model))
   overrides['head_bias_init'] = 0.0
   representation = None
   if config.keep_representation and variables is not None:
@@ -85,20 +83,13 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> loop.Task:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """One fine-tuning run; exports the result as workdir/model.npz."""
-  results = loop.train_and_evaluate(config, workdir, make_task)
-  if config.export_npz and 'preempted_at_step' not in results:
-    export.export_npz(workdir, ema=config.ema_decay > 0)
-  return results
+  """One fine-tuning run (exported as workdir/model.npz if export_npz)."""
+  return loop.train_and_evaluate(config, workdir, make_task)
 
 
-def _run_config(config, **changes):
+def _run_config(config, changes: dict[str, Any]):
   run = copy.deepcopy(config)
-  for key, value in changes.items():
-    if key == 'lr':
-      run.lr.base = value
-    else:
-      run[key] = value
+  run.update_from_flattened_dict(changes)
   return run
 
 
@@ -107,19 +98,19 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = epath.Path(workdir)
   scores = {}
   for lr in config.lr_grid:
-    run = _run_config(
-      config, lr=lr, train_split='train', eval_split='val', test_split=None,
-      export_npz=False,
-    )  # fmt: skip
+    run = _run_config(config, {
+      'lr.base': lr, 'train_split': 'train', 'eval_split': 'val',
+      'test_split': None, 'export_npz': False,
+    })  # fmt: skip
     results = train(run, str(workdir / f'lr_{lr:g}'))
     if 'preempted_at_step' in results:
       return results
     scores[lr] = results['eval_accuracy']
   best = max(scores, key=scores.get)
-  final = _run_config(
-    config, lr=best, train_split='train_full', eval_split='test',
-    test_split=None,
-  )  # fmt: skip
+  final = _run_config(config, {
+    'lr.base': best, 'train_split': 'train_full', 'eval_split': 'test',
+    'test_split': None,
+  })  # fmt: skip
   results = train(final, str(workdir / 'final'))
   if 'preempted_at_step' in results:
     return results

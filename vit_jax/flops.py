@@ -42,7 +42,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models import get_model, model_spec, resnet, vit
+from vit_jax.models import (
+  config_overrides,
+  get_model,
+  model_spec,
+  resnet,
+  vit,
+)
 
 ImageSize = int | tuple[int, int]
 
@@ -323,8 +329,8 @@ def _model_overrides(config) -> dict[str, Any]:
   fields = {f.name for f in dataclasses.fields(module_class)}
   return {
     key: value
-    for key, value in config.model.items()
-    if key in fields and value is not None
+    for key, value in config_overrides(config.model).items()
+    if key in fields
   }
 
 

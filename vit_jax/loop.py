@@ -28,7 +28,9 @@ from jax.experimental import multihost_utils
 
 from vit_jax import (
   data,
+  export,
   metric_logging,
+  models,
   optim,
   sharding,
   steps,
@@ -86,7 +88,7 @@ def model_from_config(
   config: ml_collections.ConfigDict, num_classes: int
 ) -> tuple[nn.Module, dict[str, Any]]:
   """The model a config names, and its JSON description."""
-  overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  overrides = models.config_overrides(config.model)
   model = get_model(config.model_name, num_classes, **overrides)
   description = {
     'model_name': config.model_name,
@@ -357,6 +359,9 @@ def train_and_evaluate(
       # Whatever stops the run, pending saves of good steps complete.
       checkpoints.close()
       logger.close()
-  if jax.process_index() == 0 and 'preempted_at_step' not in results:
-    (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+  if 'preempted_at_step' not in results:
+    if jax.process_index() == 0:
+      (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+    if config.export_npz:
+      export.export_npz(str(workdir), ema=use_ema)
   return results

@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from vit_jax import data, export, fewshot_job, loop, mpp, steps
+from vit_jax import data, fewshot_job, loop, mpp, steps
 
 SUPERVISED = 'supervised'
 OBJECTIVES = (SUPERVISED, mpp.OBJECTIVE)
@@ -43,9 +43,6 @@ def supervised_task(
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  results = loop.train_and_evaluate(
+  return loop.train_and_evaluate(
     config, workdir, fewshot_job.with_periodic_probes(make_task)
   )
-  if config.export_npz and 'preempted_at_step' not in results:
-    export.export_npz(workdir, ema=config.ema_decay > 0)
-  return results

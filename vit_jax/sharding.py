@@ -92,8 +92,12 @@ def create_mesh(
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(data, model, len(devices))
   try:
+    # Orders devices by the physical topology (TPU slices, GPU hosts).
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError):
+    # It knows no topology for some device kinds and subsets (e.g. a few of
+    # the CPU devices, or shapes it cannot tile); the given order, which
+    # keeps each process's devices contiguous, is then the mesh.
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 

@@ -158,6 +158,17 @@ def model_spec(name: str) -> ModelSpec:
     ) from None
 
 
+def config_overrides(model_config) -> dict[str, Any]:
+  """The attributes a config's `model` block sets (its None entries left out).
+
+  Args:
+    model_config: `config.model` of a job config (a ConfigDict or a dict).
+  """
+  return {
+    key: value for key, value in model_config.items() if value is not None
+  }
+
+
 def get_model(name: str, num_classes: int | None = 1000, **overrides):
   """Builds the Flax module of a registered model.
 
