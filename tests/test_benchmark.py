@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
@@ -97,12 +98,34 @@ def test_machine_memory_and_setting_fields(results):
   assert (results['image_size'], results['batch_size']) == (16, 8)
   assert results['dtype'] == 'bfloat16'
   assert results['optimizer'] == 'sgd'
+  assert results['ema_decay'] == 0.0
   assert results['step'] == 'jit'
   assert results['sharding'] == 'dp'
   assert results['remat_policy'] == 'none'
   assert results['scan'] is False
   for key in ('device_kind', 'jax_version'):
     assert isinstance(results[key], str) and results[key]
+
+
+def test_polyak_averaging_is_part_of_the_benchmarked_step():
+  config = benchmark_config.get_config('ViT-B_16')
+  config.model.update(patch_size=4, **TINY_VIT)
+  config.num_classes, config.image_size, config.batch_size = 10, 16, 8
+  config.ema_decay = 0.9
+  setup = benchmark.build(config)
+  state = setup.new_state()
+  before = jax.device_get(state.ema_params)
+  new, _ = setup.train_step(state, setup.batch)
+  after, params = jax.device_get((new.ema_params, new.params))
+  # The average moves a tenth of the way to the updated parameters.
+  expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, before, params)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+    after,
+    expected,
+  )
+  moved = jax.tree.map(lambda a, b: np.any(a != b), after, before)
+  assert any(jax.tree.leaves(moved))
 
 
 def test_table_lists_the_rates(results):

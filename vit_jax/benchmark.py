@@ -294,9 +294,12 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   def init_variables(rng):
     return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
 
+  # Polyak averaging (the fine-tuning headline runs) adds a parameter copy
+  # to the state and an update to every step.
+  use_ema = config.ema_decay > 0
   with sharding.activation_sharding(mesh, config.sharding):
     layout = train_state.state_layout(
-      init_variables, tx, False, mesh, config.sharding
+      init_variables, tx, use_ema, mesh, config.sharding
     )
     batch = _random_batch(config, mesh, num_classes)
     train_step = steps.make_train_step(
@@ -309,13 +312,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       layout=layout,
       kind=config.step,
       accum_steps=config.grad_accum_steps,
+      ema_decay=config.ema_decay,
     )
     compiled, compile_info = _compile(train_step, layout, batch)
 
   def new_state():
     with sharding.activation_sharding(mesh, config.sharding):
       return train_state.create_state(
-        init_variables, tx, False, layout, jax.random.key(config.seed)
+        init_variables, tx, use_ema, layout, jax.random.key(config.seed)
       )
 
   return Setup(
@@ -372,6 +376,7 @@ def run_benchmark(
     mesh=dict(setup.mesh.shape),
     step=config.step,
     optimizer=config.optimizer.name,
+    ema_decay=config.ema_decay,
     params=int(sum(np.prod(x.shape) for x in params)),
     forward_flops_per_image=setup.forward_flops,
     peak={
