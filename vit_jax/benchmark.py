@@ -302,17 +302,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       init_variables, tx, use_ema, mesh, config.sharding
     )
     batch = _random_batch(config, mesh, num_classes)
-    train_step = steps.make_train_step(
+    train_step = steps.make_train_step_from_config(
+      config,
       model,
       tx,
       steps.get_loss(config.loss),
       schedule,
-      seed=config.seed,
       mesh=mesh,
       layout=layout,
-      kind=config.step,
-      accum_steps=config.grad_accum_steps,
-      ema_decay=config.ema_decay,
     )
     compiled, compile_info = _compile(train_step, layout, batch)
 

@@ -320,17 +320,14 @@ def train_and_evaluate(
       )
       # 5. Compile.
       compile_start = time.perf_counter()
-      train_step = steps.make_train_step(
+      train_step = steps.make_train_step_from_config(
+        config,
         task.model,
         tx,
         task.loss_fn,
         schedule,
-        seed=config.seed,
         mesh=mesh,
         layout=layout,
-        kind=config.step,
-        accum_steps=config.grad_accum_steps,
-        ema_decay=config.ema_decay,
         target=task.target,
         rng_streams=task.rng_streams,
       )

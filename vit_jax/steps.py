@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -327,6 +328,39 @@ def make_train_step(
     in_shardings=(layout.shardings, batch_sharding),
     out_shardings=(layout.shardings, sharding.replicated(mesh)),
     donate_argnums=0,
+  )
+
+
+def make_train_step_from_config(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  loss_fn: LossFn,
+  schedule: optax.Schedule,
+  *,
+  mesh: Mesh,
+  layout: StateLayout,
+  **task_options,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
+  """`make_train_step` with the config's step settings.
+
+  The one place where config keys (seed, step, grad_accum_steps, ema_decay)
+  become step options, for the training loop and the benchmark alike;
+  `task_options` are the rest of `make_train_step`'s keywords (target,
+  rng_streams).
+  """
+  return make_train_step(
+    model,
+    tx,
+    loss_fn,
+    schedule,
+    seed=config.seed,
+    mesh=mesh,
+    layout=layout,
+    kind=config.step,
+    accum_steps=config.grad_accum_steps,
+    ema_decay=config.ema_decay,
+    **task_options,
   )
 
 
