@@ -16,19 +16,19 @@ from ml_collections import config_flags
 
 from vit_jax import metric_logging
 
-# config.job -> the module whose `run(config, workdir)` does it.
-JOBS = {
-  'pretrain': 'vit_jax.pretrain',
-  'benchmark': 'vit_jax.benchmark',
-  'finetune': 'vit_jax.finetune',
-  'vtab': 'vit_jax.vtab',
-  'export': 'vit_jax.export',
-  'evaluate': 'vit_jax.evaluate',
-  'fewshot': 'vit_jax.fewshot_job',
-  'inspect': 'vit_jax.inspect_job',
-  'predict': 'vit_jax.predict',
-  'flops': 'vit_jax.flops_job',
-}
+# config.job -> vit_jax.jobs.<job>, whose `run(config, workdir)` does it.
+JOBS = (
+  'pretrain',
+  'finetune',
+  'vtab',
+  'export',
+  'benchmark',
+  'evaluate',
+  'fewshot',
+  'inspect',
+  'predict',
+  'flops',
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -80,7 +80,7 @@ def main(argv):
     jax.device_count(),
     jax.default_backend(),
   )
-  job = importlib.import_module(JOBS[config.job])
+  job = importlib.import_module(f'vit_jax.jobs.{config.job}')
   job.run(config, FLAGS.workdir)
 
 

@@ -70,7 +70,7 @@ def project_worker():
   import jax
 
   from configs import benchmark as benchmark_config
-  from vit_jax import benchmark
+  from vit_jax.jobs import benchmark
 
   config = benchmark_config.get_config(_MODEL.value)
   config.batch_size = _BATCH.value

@@ -8,4 +8,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain('BiT-R101x1', arg, jft_lr=8e-4, jft_epochs=7)
+  return common.table_row('bit_r101x1', arg)

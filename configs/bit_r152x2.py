@@ -9,4 +9,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain('BiT-R152x2', arg, jft_lr=6e-4, jft_epochs=7)
+  return common.table_row('bit_r152x2', arg)

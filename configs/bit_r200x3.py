@@ -8,4 +8,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain('BiT-R200x3', arg, jft_lr=6e-4, jft_epochs=14)
+  return common.table_row('bit_r200x3', arg)

@@ -8,4 +8,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain('BiT-R50x1', arg, jft_lr=1e-3, jft_epochs=7)
+  return common.table_row('bit_r50x1', arg)

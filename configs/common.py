@@ -65,6 +65,27 @@ FINETUNE_DATASETS = {
   'digits': dict(steps=300, lrs=(0.003, 0.01, 0.03), warmup=30),
 }
 
+# The pretraining rows of the paper's results table (Table 6): config file
+# -> (model, JFT-300M base learning rate, JFT epochs). `configs/<row>.py` is
+# `table_row(<row>, arg)`; the flops job is handed every row's config.
+TABLE_ROWS = {
+  'bit_r101x1': ('BiT-R101x1', 8e-4, 7),
+  'bit_r152x1': ('BiT-R152x1', 6e-4, 7),
+  'bit_r152x2': ('BiT-R152x2', 6e-4, 7),
+  'bit_r200x3': ('BiT-R200x3', 6e-4, 14),
+  'bit_r50x1': ('BiT-R50x1', 1e-3, 7),
+  'bit_r50x2': ('BiT-R50x2', 1e-3, 7),
+  'r50_vit_b16': ('R50+ViT-B_16', 8e-4, 7),
+  'r50_vit_b32': ('R50+ViT-B_32', 8e-4, 7),
+  'r50_vit_l16': ('R50+ViT-L_16', 4e-4, 7),
+  'r50_vit_l32': ('R50+ViT-L_32', 2e-4, 7),
+  'vit_b16': ('ViT-B_16', 8e-4, 7),
+  'vit_b32': ('ViT-B_32', 8e-4, 7),
+  'vit_h14': ('ViT-H_14', 3e-4, 14),
+  'vit_l16': ('ViT-L_16', 4e-4, 7),
+  'vit_l32': ('ViT-L_32', 6e-4, 7),
+}
+
 # Table 2's headline ImageNet runs: higher resolution and Polyak averaging.
 HEADLINE_IMAGENET = {'ViT-L_16': 512, 'ViT-H_14': 518}
 
@@ -165,6 +186,9 @@ def base() -> ml_collections.ConfigDict:
   config.fewshot.seeds = 3
   config.fewshot.l2_reg = 2.0**10
   config.fewshot.datasets = ()
+  # More evaluators, {name: dict(type=..., every=..., ...)} (see
+  # vit_jax/evaluators); one named like a built-in one replaces it.
+  config.evals = ml_collections.ConfigDict()
   return config
 
 
@@ -230,6 +254,13 @@ def pretrain_vit(model_name: str, dataset_arg: str, **kwargs):
   spec = models.model_spec(model_name)
   config.model.representation_size = spec.kwargs['hidden_size']
   return config
+
+
+def table_row(row: str, dataset_arg: str) -> ml_collections.ConfigDict:
+  """The config of a row of `TABLE_ROWS` on a pretraining dataset."""
+  model_name, jft_lr, jft_epochs = TABLE_ROWS[row]
+  builder = pretrain if model_name.startswith('BiT-') else pretrain_vit
+  return builder(model_name, dataset_arg, jft_lr=jft_lr, jft_epochs=jft_epochs)
 
 
 def pretrain_vitc(

@@ -8,10 +8,10 @@ training workdir. A .npz without its .json description also needs
 --config.model_name (and architecture overrides in --config.model).
 """
 
-from vit_jax import checkpoint_jobs
+from vit_jax.jobs import common
 
 
 def get_config():
-  config = checkpoint_jobs.default_config('evaluate')
+  config = common.default_config('evaluate')
   config.eval_split = 'test'  # 'train', 'val', 'test' or 'train_full'
   return config

@@ -9,11 +9,11 @@ split is scored; `--config.splits.train=...` narrows the pool.
 
 import ml_collections
 
-from vit_jax import checkpoint_jobs
+from vit_jax.jobs import common
 
 
 def get_config():
-  config = checkpoint_jobs.default_config('fewshot')
+  config = common.default_config('fewshot')
   config.fewshot = ml_collections.ConfigDict()
   config.fewshot.datasets = ('digits',)
   config.fewshot.shots = (1, 5, 10, 25)

@@ -6,11 +6,11 @@ Writes the patch-embedding filters, position-embedding similarity, mean
 attention distance and attention rollout figures (PNG) and inspect.json.
 """
 
-from vit_jax import checkpoint_jobs
+from vit_jax.jobs import common
 
 
 def get_config():
-  config = checkpoint_jobs.default_config('inspect')
+  config = common.default_config('inspect')
   config.split = 'test'  # Images from this split of config.dataset.
   config.num_images = 128  # Averaged over for the attention distances.
   config.rollout_images = 8  # Drawn with their attention rollout.

@@ -9,11 +9,11 @@ from --config.dataset; without either, classes are numbered.
 
 from ml_collections import config_dict
 
-from vit_jax import checkpoint_jobs
+from vit_jax.jobs import common
 
 
 def get_config():
-  config = checkpoint_jobs.default_config('predict')
+  config = common.default_config('predict')
   config.images = ''  # Comma-separated image files.
   config.top_k = 5
   config.class_names = config_dict.placeholder(str)

@@ -8,4 +8,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain_vit('R50+ViT-B_16', arg, jft_lr=8e-4, jft_epochs=7)
+  return common.table_row('r50_vit_b16', arg)

@@ -8,4 +8,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain_vit('ViT-B_32', arg, jft_lr=8e-4, jft_epochs=7)
+  return common.table_row('vit_b32', arg)

@@ -8,4 +8,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain_vit('ViT-H_14', arg, jft_lr=3e-4, jft_epochs=14)
+  return common.table_row('vit_h14', arg)

@@ -9,4 +9,4 @@ from configs import common
 
 
 def get_config(arg='imagenet21k'):
-  return common.pretrain_vit('ViT-L_16', arg, jft_lr=4e-4, jft_epochs=7)
+  return common.table_row('vit_l16', arg)

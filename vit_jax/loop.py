@@ -5,98 +5,48 @@
   3. state shardings        6. train: log, evaluate, checkpoint; stop cleanly
                                on SIGTERM, stop loudly on a NaN loss
 
-A job differs only in its `Task`: the model, the loss, and where the first
-state's variables come from (random initialisation for pretraining, a
-transformed checkpoint for fine-tuning).
+A job differs only in its `Task` (vit_jax/objectives): the model, the
+loss, and where the first state's variables come from (random
+initialisation for pretraining, a transferred checkpoint for fine-tuning).
+What is evaluated, and when, is the config's evaluators
+(vit_jax/evaluators).
 """
 
 import dataclasses
-import json
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 from vit_jax import (
+  checkpoints,
   data,
-  export,
+  evaluators,
   metric_logging,
-  models,
   optim,
   sharding,
   steps,
-  train_checkpoints,
   train_state,
 )
-from vit_jax.models import get_model
+from vit_jax import (
+  workdir as workdir_lib,
+)
+from vit_jax.objectives import Task
 
 PyTree = Any
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class Task:
-  """What a job plugs into the loop.
-
-  Attributes:
-    model: the Flax module trained.
-    loss_fn: per-example loss of (model outputs, targets).
-    description: JSON-able model description saved with every checkpoint;
-      a workdir is only resumed by a task with the same description.
-    initial_variables: returns host variables for the first state (e.g. a
-      pretrained checkpoint adapted to `model`); None for a random init.
-    extra_eval: an evaluation run every `extra_eval_every` steps on the
-      state (e.g. few-shot linear probes), returning metrics to log.
-    extra_eval_every: its period in steps; 0 disables it.
-    target: the batch entry the outputs are compared with: 'labels', or
-      'images' for a self-supervised objective.
-    rng_streams: RNG streams the model draws from besides 'dropout' (keys
-      derived from the seed and step in training, from the seed in
-      evaluation).
-    eval_metrics: what evaluation reports; top-1 accuracy and mean loss
-      (`steps.classification_metrics`) by default.
-  """
-
-  model: nn.Module
-  loss_fn: steps.LossFn
-  description: dict[str, Any]
-  initial_variables: Callable[[], PyTree] | None = None
-  extra_eval: Callable[[train_state.TrainState], dict[str, float]] | None = None
-  extra_eval_every: int = 0
-  target: str = 'labels'
-  rng_streams: tuple[str, ...] = ()
-  eval_metrics: steps.EvalMetrics | None = None
-
-  def __post_init__(self):
-    if self.eval_metrics is None:
-      self.eval_metrics = steps.classification_metrics(self.loss_fn)
-
-
-def model_from_config(
-  config: ml_collections.ConfigDict, num_classes: int
-) -> tuple[nn.Module, dict[str, Any]]:
-  """The model a config names, and its JSON description."""
-  overrides = models.config_overrides(config.model)
-  model = get_model(config.model_name, num_classes, **overrides)
-  description = {
-    'model_name': config.model_name,
-    'num_classes': num_classes,
-    'image_size': config.image_size,
-    'overrides': overrides,
-  }
-  return model, description
 
 
 def total_steps(config: ml_collections.ConfigDict, ds: data.Dataset) -> int:
@@ -179,43 +129,103 @@ def _abstract_batch(
   }
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: epath.Path):
-  if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+@dataclasses.dataclass
+class Training:
+  """The optimizer, state layout and train step of a task on a mesh.
+
+  Attributes:
+    schedule: the learning rate per step.
+    tx: the optimizer.
+    layout: the training state's shapes and shardings.
+    train_step: the jitted `(state, batch) -> (state, metrics)`, not yet
+      compiled.
+    init_variables: rng -> the model's freshly initialised variables.
+    use_ema: whether the state carries Polyak-averaged parameters.
+  """
+
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  layout: train_state.StateLayout
+  train_step: Callable
+  init_variables: Callable[[jax.Array], PyTree]
+  use_ema: bool
+
+  def new_state(self, seed: int) -> train_state.TrainState:
+    """A randomly initialised state, placed as `layout` says."""
+    return train_state.create_state(
+      self.init_variables, self.tx, self.use_ema, self.layout,
+      jax.random.key(seed),
+    )  # fmt: skip
 
 
-def _initial_state(config, task, tx, layout, checkpoints, init_variables):
-  """Resumes from the workdir's checkpoints, or creates the first state."""
+def build_training(
+  config: ml_collections.ConfigDict,
+  task: Task,
+  mesh,
+  num_steps: int,
+  steps_per_epoch: int | None = None,
+) -> Training:
+  """Steps 2-3 and 5 of the loop, shared with the benchmark job.
+
+  Call it inside `sharding.activation_sharding(mesh, config.sharding)`.
+  """
+  schedule = optim.learning_rate_schedule(config.lr, num_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, schedule)
   use_ema = config.ema_decay > 0
-  if checkpoints.latest_step() is not None:
-    checkpoints.check_model(task.description)
-    state = checkpoints.restore(layout)
+
+  def init_variables(rng):
+    images = jax.numpy.zeros((1, config.image_size, config.image_size, 3))
+    return task.model.init(rng, images)
+
+  layout = train_state.state_layout(
+    init_variables, tx, use_ema, mesh, config.sharding
+  )
+  train_step = steps.make_train_step_from_config(
+    config,
+    task.model,
+    tx,
+    task.loss_fn,
+    schedule,
+    mesh=mesh,
+    layout=layout,
+    target=task.target,
+    rng_streams=task.rng_streams,
+  )
+  return Training(schedule, tx, layout, train_step, init_variables, use_ema)
+
+
+def _initial_state(config, task, training, state_checkpoints):
+  """Resumes from the workdir's checkpoints, or creates the first state."""
+  if state_checkpoints.latest_step() is not None:
+    state_checkpoints.check_model(task.description)
+    state = state_checkpoints.restore(training.layout)
     logging.info('Resumed from step %d.', int(state.step))
     return state
   if task.initial_variables is not None:
     return train_state.state_from_variables(
-      task.initial_variables(), tx, use_ema, layout
+      task.initial_variables(), training.tx, training.use_ema, training.layout
     )
-  return train_state.create_state(
-    init_variables, tx, use_ema, layout, jax.random.key(config.seed)
-  )
+  return training.new_state(config.seed)
 
 
-def _train(config, task, ds, state, train_step, eval_step, checkpoints, logger,
-           num_steps):  # fmt: skip
+def _prefixed(name: str, metrics: dict[str, Any]) -> dict[str, float]:
+  """An evaluator's metrics as logged: '<name>_<metric>', counts left out."""
+  return {
+    f'{name}_{key}': value
+    for key, value in metrics.items()
+    if key not in ('examples', 'examples_scored')
+  }
+
+
+def _train(config, task, ds, state, train_step, evals, state_checkpoints,
+           logger, num_steps):  # fmt: skip
   """Steps from `state.step` to `num_steps`; returns the final metrics."""
   use_ema = config.ema_decay > 0
 
-  def evaluate(split: str, prefix: str) -> dict[str, float]:
-    variables = state.variables(ema=use_ema)
-    metrics = steps.evaluate(
-      eval_step, variables, ds.eval_iter(split), task.eval_metrics.summarize
+  def evaluate(evaluator) -> dict[str, float]:
+    return _prefixed(
+      evaluator.name, evaluator.run(state.variables(ema=use_ema))
     )
-    return {
-      f'{prefix}_{name}': value
-      for name, value in metrics.items()
-      if name != 'examples'
-    }
 
   step = start_step = int(state.step)
   batches = ds.train_iter(start_step, split=config.train_split)
@@ -228,11 +238,8 @@ def _train(config, task, ds, state, train_step, eval_step, checkpoints, logger,
       pending.append((step, metrics))
       log_due = step % config.log_every == 0 or step == num_steps
       checkpoint_due = step % config.checkpoint_every == 0
-      eval_due = bool(config.eval_every) and step % config.eval_every == 0
-      extra_due = bool(task.extra_eval_every) and (
-        step % task.extra_eval_every == 0
-      )
-      if log_due or checkpoint_due or eval_due or extra_due:
+      evals_due = [e for e in evals if e.every and step % e.every == 0]
+      if log_due or checkpoint_due or evals_due:
         # Fetching the metrics waits for the step; a NaN stops the run
         # before any state of its step is saved.
         pending = jax.device_get(pending)
@@ -242,24 +249,23 @@ def _train(config, task, ds, state, train_step, eval_step, checkpoints, logger,
         pending = []
       if step == num_steps:
         break
-      if eval_due:
-        logger.log(step, evaluate(config.eval_split, 'eval'))
-      if extra_due:
-        logger.log(step, task.extra_eval(state))
+      for evaluator in evals_due:
+        logger.log(step, evaluate(evaluator))
       if checkpoint_due:
-        checkpoints.save(step, state, task.description)
+        state_checkpoints.save(step, state, task.description)
       if preemption.stop_requested(at_sync_point=log_due or checkpoint_due):
         _check_finite(jax.device_get(pending))
-        checkpoints.save(step, state, task.description, force=True)
+        state_checkpoints.save(step, state, task.description, force=True)
         logging.warning('Stopped at step %d; rerun to resume.', step)
         return {'preempted_at_step': step}
 
-  results = evaluate(config.eval_split, 'eval')
-  if config.test_split:
-    results.update(evaluate(config.test_split, config.test_split))
+  results = {}
+  for evaluator in evals:
+    if evaluator.final:
+      results.update(evaluate(evaluator))
   logger.log(num_steps, results)
-  if checkpoints.latest_step() != num_steps:
-    checkpoints.save(num_steps, state, task.description, force=True)
+  if state_checkpoints.latest_step() != num_steps:
+    state_checkpoints.save(num_steps, state, task.description, force=True)
   return results
 
 
@@ -269,6 +275,9 @@ def train_and_evaluate(
   make_task: Callable[[ml_collections.ConfigDict, data.Dataset], Task],
 ) -> dict[str, float]:
   """Trains to `total_steps` (resuming from `workdir`) and evaluates.
+
+  One function in numbered sections, so that the whole run reads top to
+  bottom; each section is a call.
 
   Args:
     config: the job config (configs/common.py lists the keys).
@@ -282,32 +291,19 @@ def train_and_evaluate(
   """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  write_config(config, workdir)
+  workdir_lib.write_config(workdir, config)
 
   # 1. Mesh and data.
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
   sharding.rules_for(config.sharding)  # Validates the name early.
   ds = data.get_dataset(config, mesh)
   num_steps = total_steps(config, ds)
-
-  # 2. Model and optimizer.
   task = make_task(config, ds)
-  schedule = optim.learning_rate_schedule(
-    config.lr, num_steps, ds.steps_per_epoch
-  )
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  use_ema = config.ema_decay > 0
-
-  def init_variables(rng):
-    images = jax.numpy.zeros((1, config.image_size, config.image_size, 3))
-    return task.model.init(rng, images)
 
   with sharding.activation_sharding(mesh, config.sharding):
-    # 3. State shardings.
-    layout = train_state.state_layout(
-      init_variables, tx, use_ema, mesh, config.sharding
-    )
-    checkpoints = train_checkpoints.Checkpoints(
+    # 2.-3. Model, optimizer and state shardings.
+    training = build_training(config, task, mesh, num_steps, ds.steps_per_epoch)
+    state_checkpoints = checkpoints.StateCheckpoints(
       workdir / 'checkpoints', keep=config.keep_checkpoints
     )
     logger = metric_logging.MetricLogger(
@@ -315,50 +311,33 @@ def train_and_evaluate(
     )
     try:
       # 4. Resume or initialise.
-      state = _initial_state(
-        config, task, tx, layout, checkpoints, init_variables
-      )
-      # 5. Compile.
+      state = _initial_state(config, task, training, state_checkpoints)
+      # 5. Compile the train step; build the evaluators.
       compile_start = time.perf_counter()
-      train_step = steps.make_train_step_from_config(
-        config,
-        task.model,
-        tx,
-        task.loss_fn,
-        schedule,
-        mesh=mesh,
-        layout=layout,
-        target=task.target,
-        rng_streams=task.rng_streams,
-      )
-      train_step = train_step.lower(
-        layout.abstract, _abstract_batch(config, ds, mesh)
+      train_step = training.train_step.lower(
+        training.layout.abstract, _abstract_batch(config, ds, mesh)
       ).compile()
       logging.info(
         'Compiled the train step in %.1f s.',
         time.perf_counter() - compile_start,
       )
-      eval_step = steps.make_eval_step(
-        task.model,
-        task.loss_fn,
-        mesh,
-        metrics=task.eval_metrics,
-        target=task.target,
-        rng_streams=task.rng_streams,
-        seed=config.seed,
+      context = evaluators.Context(
+        task, mesh, config, datasets={config.dataset: ds}
       )
+      evals = evaluators.from_config(evaluators.training_evals(config), context)
       # 6. Train.
       results = _train(
-        config, task, ds, state, train_step, eval_step, checkpoints, logger,
-        num_steps,
+        config, task, ds, state, train_step, evals, state_checkpoints,
+        logger, num_steps,
       )  # fmt: skip
     finally:
       # Whatever stops the run, pending saves of good steps complete.
-      checkpoints.close()
+      state_checkpoints.close()
       logger.close()
   if 'preempted_at_step' not in results:
-    if jax.process_index() == 0:
-      (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+    workdir_lib.write_json(workdir, 'results.json', results)
     if config.export_npz:
-      export.export_npz(str(workdir), ema=use_ema)
+      checkpoints.export_npz(
+        workdir, workdir / 'model.npz', ema=training.use_ema
+      )
   return results

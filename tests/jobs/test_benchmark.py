@@ -1,0 +1,228 @@
+"""The benchmark job on a tiny model: every field of its JSON, sane."""
+
+import functools
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import benchmark as benchmark_config
+from helpers import TINY_VIT
+from vit_jax import models
+from vit_jax.jobs import benchmark
+from vit_jax.models import common, vit
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+  config = benchmark_config.get_config('ViT-B_16')
+  config.model.update(patch_size=4, **TINY_VIT)
+  config.num_classes = 10
+  config.image_size = 16
+  config.batch_size = 8
+  config.benchmark.warmup_steps = 1
+  config.benchmark.steps = 3
+  config.benchmark.peak_matmul_size = 256
+  workdir = tmp_path_factory.mktemp('benchmark')
+  returned = benchmark.run(config, str(workdir))
+  written = json.loads((workdir / 'benchmark.json').read_text())
+  assert written == json.loads(json.dumps(returned))
+  return written
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize('key', ['train', 'inference'])
+def test_rates(results, key):
+  r = results[key]
+  rates = r['images_per_s']
+  assert set(rates) == {'median', 'min', 'max'}
+  assert all(_positive(v) for v in rates.values())
+  assert rates['min'] <= rates['median'] <= rates['max']
+  assert set(r['step_s']) == {'median', 'min', 'max'}
+  assert r['step_s']['min'] <= r['step_s']['median'] <= r['step_s']['max']
+  assert math.isclose(
+    rates['median'] * r['step_s']['median'], results['batch_size'], rel_tol=0.5
+  )
+  assert _positive(r['flops_per_step'])
+  assert _positive(r['model_flops_per_s'])
+  assert 0 < r['mfu'] < 1
+
+
+def test_flops_count_three_forward_passes_per_training_step(results):
+  forward = results['forward_flops_per_image'] * results['batch_size']
+  assert results['inference']['flops_per_step'] == forward
+  assert results['train']['flops_per_step'] == 3 * forward
+  assert math.isfinite(results['train']['final_loss'])
+
+
+def test_compile_and_cache_fields(results):
+  compile_info = results['compile']
+  for key in ('lower_s', 'compile_s', 'total_s'):
+    assert _positive(compile_info[key])
+  assert isinstance(compile_info['cache_hit'], bool)
+  assert isinstance(compile_info['cache_written'], bool)
+  assert 'cache_dir' in compile_info
+
+
+def test_machine_memory_and_setting_fields(results):
+  assert _positive(results['peak']['flops_per_s'])
+  assert results['peak']['matmul_size'] == 256
+  memory = results['memory']
+  assert memory['host_peak_bytes'] >= memory['host_baseline_bytes'] > 0
+  # The CPU backend exposes no device memory statistics.
+  assert set(memory['device']) == {
+    'peak_bytes',
+    'max_device_peak_bytes',
+    'limit_bytes',
+  }
+  step = memory['step_bytes']
+  assert set(step) == {'argument', 'output', 'temp', 'alias', 'total'}
+  assert all(isinstance(v, int) and v >= 0 for v in step.values())
+  assert step['total'] == (
+    step['argument'] + step['output'] + step['temp'] - step['alias']
+  )
+  assert step['argument'] > 0 and step['alias'] > 0  # The donated state.
+  assert results['backend'] == jax.default_backend() == 'cpu'
+  assert results['device_count'] == jax.device_count()
+  assert results['mesh'] == {'data': jax.device_count(), 'model': 1}
+  assert results['process_count'] == 1
+  assert _positive(results['host_to_device_s'])
+  assert _positive(results['params'])
+  assert results['model'] == 'ViT-B_16'
+  assert (results['image_size'], results['batch_size']) == (16, 8)
+  assert results['dtype'] == 'bfloat16'
+  assert results['optimizer'] == 'sgd'
+  assert results['ema_decay'] == 0.0
+  assert results['step'] == 'jit'
+  assert results['sharding'] == 'dp'
+  assert results['remat_policy'] == 'none'
+  assert results['scan'] is False
+  for key in ('device_kind', 'jax_version'):
+    assert isinstance(results[key], str) and results[key]
+
+
+def test_polyak_averaging_is_part_of_the_benchmarked_step():
+  config = benchmark_config.get_config('ViT-B_16')
+  config.model.update(patch_size=4, **TINY_VIT)
+  config.num_classes, config.image_size, config.batch_size = 10, 16, 8
+  config.ema_decay = 0.9
+  setup = benchmark.build(config)
+  state = setup.new_state()
+  before = jax.device_get(state.ema_params)
+  new, _ = setup.train_step(state, setup.batch)
+  after, params = jax.device_get((new.ema_params, new.params))
+  # The average moves a tenth of the way to the updated parameters.
+  expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, before, params)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+    after,
+    expected,
+  )
+  moved = jax.tree.map(lambda a, b: np.any(a != b), after, before)
+  assert any(jax.tree.leaves(moved))
+
+
+def test_table_lists_the_rates(results):
+  table = benchmark.format_table(results)
+  assert 'train img/s' in table and 'inference img/s' in table
+  assert 'MFU' in table
+
+
+# ----------------------------------------------------------------------------
+# The compute paths behind the benchmark's bfloat16 figures.
+
+
+def _random(shape, seed, dtype='float32'):
+  return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
+
+
+@pytest.mark.parametrize(
+  'lhs_shape, rhs_shape, dimension_numbers',
+  [
+    ((4, 5, 6), (6, 7), (((2,), (0,)), ((), ()))),  # Dense
+    ((4, 5, 6), (6, 3, 2), (((2,), (0,)), ((), ()))),  # query/key/value
+    ((4, 5, 3, 2), (3, 2, 6), (((2, 3), (0, 1)), ((), ()))),  # out
+    ((2, 5, 3, 4), (2, 6, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
+    ((6, 4), (5, 6), (((0,), (1,)), ((), ()))),
+  ],
+)
+def test_mixed_dot_general_gradients(lhs_shape, rhs_shape, dimension_numbers):
+  lhs, rhs = _random(lhs_shape, 0), _random(rhs_shape, 1)
+
+  def plain(a, b):
+    return jax.lax.dot_general(a, b, dimension_numbers)
+
+  out, plain_vjp = jax.vjp(plain, lhs, rhs)
+  g = _random(out.shape, 2)
+  expected = plain_vjp(g)
+  for dtype, tol in (('float32', 1e-5), ('bfloat16', 2e-2)):
+
+    def mixed(a, b, dtype=dtype):
+      return common.mixed_dot_general(a, b, dimension_numbers, dtype, 'float32')
+
+    got = jax.vjp(mixed, lhs, rhs)[1](g)
+    for e, x in zip(expected, got, strict=True):
+      assert x.dtype == jnp.float32  # The operands' own dtype.
+      err = float(jnp.linalg.norm(x - e) / jnp.linalg.norm(e))
+      assert err < tol, (dtype, err)
+
+
+@pytest.mark.parametrize('dtype, tol', [('float32', 1e-5), ('bfloat16', 2e-2)])
+def test_product_attention_agrees_with_jax_nn(dtype, tol):
+  q, k, v = (_random((2, 7, 3, 8), seed) for seed in range(3))
+  weights = _random((2, 7, 3, 8), 3)
+
+  def loss(attention, q, k, v):
+    out = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+    return jnp.sum(out.astype(jnp.float32) * weights)
+
+  expected = jax.value_and_grad(
+    functools.partial(loss, jax.nn.dot_product_attention), argnums=(0, 1, 2)
+  )(q, k, v)
+  got = jax.value_and_grad(
+    functools.partial(loss, vit.product_attention), argnums=(0, 1, 2)
+  )(q, k, v)
+  for e, x in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+    err = float(jnp.linalg.norm(x - e) / jnp.linalg.norm(e))
+    assert err < tol, err
+
+
+def test_attention_path_rule():
+  # bfloat16 on CPU takes product_attention; everything else jax.nn's.
+  assert vit.use_product_attention(jnp.bfloat16)
+  assert not vit.use_product_attention(jnp.float32)
+
+
+def test_bfloat16_training_step_products_are_bfloat16():
+  """No matmul of the bfloat16 gradient falls back to float32 operands.
+
+  The float32 ones are the head's (by design) and attention's row sums of
+  dO * O in its softmax gradient (elementwise products, not matmuls).
+  """
+  model = models.get_model(
+    'ViT-B_16', 10, patch_size=4, dtype='bfloat16', **TINY_VIT
+  )
+  images = jnp.zeros((2, 16, 16, 3))
+  params = nn.unbox(model.init(jax.random.key(0), images))['params']
+
+  def loss(p):
+    return jnp.sum(model.apply({'params': p}, images) ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+  dots = [line for line in hlo.splitlines() if 'stablehlo.dot_general' in line]
+  operands = [line.split(':')[-1].split('->')[0] for line in dots]
+  float32 = [o for o in operands if 'bf16' not in o]
+  head = [o for o in float32 if 'x10xf32' in o or '2x10xf32' in o]
+  row_sums = [o for o in float32 if o.count('tensor<2x17x4x8xf32>') == 2]
+  assert len(head) == 3 and len(row_sums) == 2, float32
+  assert len(float32) == 5, float32
+  # Per block: 6 dense and 2 attention products forward, 12 and 4 backward,
+  # plus the row sum; 2 blocks and the head's 3.
+  assert len(dots) == 2 * 25 + 3

@@ -1,0 +1,55 @@
+"""Every weight file this project reads or writes, in one package.
+
+- `load(source)`: any checkpoint (a workdir, an orbax directory, a
+  published or exported .npz) as (model, variables, description);
+  `read(source)` gives the raw variables and description.
+- `transfer`: checkpoint surgery (new head, resized position embeddings,
+  pretraining-only parameters dropped) onto a model's shapes.
+- `npz`: the published .npz layout; `training`: the orbax training state
+  and its export; `tree`: block layouts and fitting shared by all.
+"""
+
+from vit_jax.checkpoints.loader import (
+  LAYOUTS,
+  Layout,
+  Loaded,
+  UnknownLayoutError,
+  load,
+  read,
+)
+from vit_jax.checkpoints.npz import load_npz, load_npz_variables, save_npz
+from vit_jax.checkpoints.training import (
+  StateCheckpoints,
+  WorkdirMismatchError,
+  export_npz,
+)
+from vit_jax.checkpoints.transfer import resize_posemb, transfer
+from vit_jax.checkpoints.tree import (
+  CheckpointMismatchError,
+  fit_to_model,
+  flatten,
+  unflatten,
+)
+from vit_jax.models.description import ModelDescription
+
+__all__ = [
+  'LAYOUTS',
+  'CheckpointMismatchError',
+  'Layout',
+  'Loaded',
+  'ModelDescription',
+  'StateCheckpoints',
+  'UnknownLayoutError',
+  'WorkdirMismatchError',
+  'export_npz',
+  'fit_to_model',
+  'flatten',
+  'load',
+  'load_npz',
+  'load_npz_variables',
+  'read',
+  'resize_posemb',
+  'save_npz',
+  'transfer',
+  'unflatten',
+]

@@ -1,0 +1,438 @@
+"""Training and inference throughput of a model on this machine.
+
+  python main.py --config=configs/benchmark.py:ViT-B_16 --workdir=DIR
+
+Builds the project's real training step (`steps.make_train_step`, with the
+config's optimizer: SGD with momentum by default) on random images and
+labels already on the devices, compiles it (timing the compilation and
+noting whether the persistent compilation cache served it), runs warm-up
+steps and then times `benchmark.steps` steps one by one; then the same for
+the inference forward pass. A large matmul in the compute dtype with float32
+accumulation, timed in the same run, gives the peak that MFU is taken
+against. Prints a table and writes `benchmark.json` to the workdir.
+
+Model FLOPs are the analytic count of `vit_jax.analysis.flops.forward_flops` (matmul
+and convolution multiply-adds, 2 FLOPs each), 3x forward for a training
+step, whatever rematerialisation recomputes.
+"""
+
+import dataclasses
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vit_jax import loop, objectives, sharding, steps, train_state
+from vit_jax import workdir as workdir_lib
+from vit_jax.analysis import flops
+
+_CACHE_HIT = '/jax/compilation_cache/cache_hits'
+# Recorded when a compiled program is written to the persistent cache.
+_CACHE_WRITE = '/jax/compilation_cache/cache_misses'
+
+
+def host_memory_peak_bytes() -> int:
+  """Peak resident memory of this process so far (Linux: ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_memory(devices) -> dict[str, int | None]:
+  """Peak device memory (total and largest per device) and its limit.
+
+  Accelerators report `memory_stats()`; the CPU backend returns None, and
+  every value is None then.
+  """
+  peaks, limits = [], []
+  for device in devices:
+    stats = device.memory_stats()
+    if not stats:
+      return dict.fromkeys(('peak_bytes', 'max_device_peak_bytes',
+                            'limit_bytes'))  # fmt: skip
+    peaks.append(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', 0)))
+    limits.append(stats.get('bytes_limit', 0))
+  return {
+    'peak_bytes': sum(peaks),
+    'max_device_peak_bytes': max(peaks),
+    'limit_bytes': sum(limits) or None,
+  }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+  return {
+    'median': statistics.median(values),
+    'min': min(values),
+    'max': max(values),
+  }
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+  """Seconds of `repeats` calls of `fn`, each waited for, after `warmup`."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_peak(dtype: str, size: int, mesh, repeats: int = 5) -> float:
+  """FLOP/s of the fastest of `repeats` (size x size) matmuls per device.
+
+  One matmul per device, with `dtype` operands and float32 accumulation
+  (`preferred_element_type`), the way the models compute.
+  """
+  num = mesh.devices.size
+  spec = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+  @jax.jit
+  def operands(key):
+    a, b = jax.random.normal(key, (2, num, size, size), jnp.float32)
+    return jax.lax.with_sharding_constraint(
+      (a.astype(dtype), b.astype(dtype)), spec
+    )
+
+  matmul = jax.jit(
+    lambda a, b: jnp.einsum(
+      'nij,njk->nik', a, b, preferred_element_type=jnp.float32
+    ),
+    out_shardings=spec,
+  )
+  a, b = operands(jax.random.key(0))
+  best = min(time_calls(lambda: matmul(a, b), warmup=1, repeats=repeats))
+  return 2 * num * size**3 / best
+
+
+class _CacheEvents:
+  """Counts persistent compilation cache hits and writes while active."""
+
+  def __init__(self):
+    self.hits = self.writes = 0
+
+  def __call__(self, event: str, **kwargs):
+    del kwargs
+    if event == _CACHE_HIT:
+      self.hits += 1
+    elif event == _CACHE_WRITE:
+      self.writes += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_listener(self)
+
+
+def _random_batch(config, mesh, num_classes: int) -> dict[str, jax.Array]:
+  """Images uniform in [-1, 1] and one-hot random labels, on the devices."""
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+
+  @jax.jit
+  def make(key):
+    image_key, label_key = jax.random.split(key)
+    return {
+      'images': jax.random.uniform(image_key, shape, minval=-1, maxval=1),
+      'labels': jax.nn.one_hot(
+        jax.random.randint(label_key, (shape[0],), 0, num_classes),
+        num_classes,
+      ),
+    }
+
+  batch = make(jax.random.key(config.seed))
+  return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def _host_to_device_seconds(batch, mesh, repeats: int = 3) -> float:
+  """Median time to put a host copy of `batch` on the devices."""
+  host = jax.device_get(batch)
+  batch_sharding = sharding.batch_sharding(mesh)
+  return statistics.median(
+    time_calls(
+      lambda: jax.device_put(host, batch_sharding), warmup=1, repeats=repeats
+    )
+  )
+
+
+def _rates(times: list[float], batch_size: int, flops_per_step: float):
+  images = [batch_size / t for t in times]
+  return {
+    'images_per_s': _summary(images),
+    'step_s': _summary(times),
+    'flops_per_step': flops_per_step,
+    'model_flops_per_s': flops_per_step / statistics.median(times),
+  }
+
+
+def _compile(train_step, layout, batch) -> tuple[Any, dict[str, Any]]:
+  """Compiles the train step; returns it and the compilation's facts."""
+  with _CacheEvents() as cache:
+    start = time.perf_counter()
+    lowered = train_step.lower(layout.abstract, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+  return compiled, {
+    'lower_s': lower_s,
+    'compile_s': compile_s,
+    'total_s': lower_s + compile_s,
+    'cache_dir': jax.config.jax_compilation_cache_dir,
+    'cache_hit': cache.hits > 0,
+    'cache_written': cache.writes > 0,
+  }
+
+
+def step_memory(compiled) -> dict[str, int | None]:
+  """XLA's buffer assignment of a compiled step, per device, in bytes.
+
+  Arguments (the state and batch), outputs, temporaries (activations kept
+  for the backward pass among them) and the outputs that reuse donated
+  arguments; `total` is what the step needs at once: arguments + outputs +
+  temporaries - aliased. Known for every backend, unlike device memory
+  statistics, and without the compiler's own memory that the process peak
+  includes.
+  """
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return dict.fromkeys(('argument', 'output', 'temp', 'alias', 'total'))
+  sizes = {
+    'argument': stats.argument_size_in_bytes,
+    'output': stats.output_size_in_bytes,
+    'temp': stats.temp_size_in_bytes,
+    'alias': stats.alias_size_in_bytes,
+  }
+  sizes['total'] = (
+    sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
+  )
+  return sizes
+
+
+def _run_steps(config, setup: 'Setup', profile_dir: str | None):
+  """Times training steps then inference; returns their results.
+
+  The state lives (and is donated from step to step) only in here, so its
+  buffers are released before the peak matmul runs.
+  """
+  bench = config.benchmark
+  state = setup.new_state()
+  metrics = {}
+
+  def train_step():
+    nonlocal state, metrics
+    state, metrics = setup.train_step(state, setup.batch)
+    return state, metrics
+
+  batch_size = config.batch_size
+  forward = setup.forward_flops * batch_size
+  times = time_calls(train_step, bench.warmup_steps, bench.steps)
+  train = _rates(times, batch_size, flops.TRAINING_FLOPS_PER_FORWARD * forward)
+  train['final_loss'] = float(metrics['train_loss'])
+  if bench.profile_steps and profile_dir:
+    with jax.profiler.trace(profile_dir):
+      time_calls(train_step, 0, bench.profile_steps)
+
+  variables = state.variables()
+  # The variables keep the state's shardings.
+  infer = jax.jit(lambda v, images: setup.model.apply(v, images, train=False))
+  images = setup.batch['images']
+  infer_times = time_calls(
+    lambda: infer(variables, images), bench.warmup_steps, bench.steps
+  )
+  return {
+    'train': train,
+    'inference': _rates(infer_times, batch_size, forward),
+    'host_to_device_s': _host_to_device_seconds(setup.batch, setup.mesh),
+  }
+
+
+@dataclasses.dataclass
+class Setup:
+  """A compiled training step and what it runs on.
+
+  Attributes:
+    model: the Flax module.
+    mesh: the device mesh.
+    layout: the training state's shapes and shardings.
+    batch: random images and labels on the devices.
+    train_step: the compiled `(state, batch) -> (state, metrics)`.
+    compile_info: lowering and compilation seconds, and whether the
+      persistent compilation cache served or stored the program.
+    forward_flops: analytic forward FLOPs per image.
+    new_state: returns a fresh random training state.
+  """
+
+  model: Any
+  mesh: Mesh
+  layout: train_state.StateLayout
+  batch: dict[str, jax.Array]
+  train_step: Callable
+  compile_info: dict[str, Any]
+  forward_flops: int
+  new_state: Callable[[], train_state.TrainState]
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Builds and compiles the project's training step for `config`.
+
+  The optimizer, state layout and step are the training loop's
+  (`loop.build_training`); only the data differ (random, on the devices).
+  """
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
+  model, description = objectives.model_from_config(config, config.num_classes)
+  task = objectives.Task(
+    model=model, loss_fn=steps.get_loss(config.loss), description=description
+  )
+  with sharding.activation_sharding(mesh, config.sharding):
+    training = loop.build_training(
+      config, task, mesh, config.benchmark.steps + 1
+    )
+    batch = _random_batch(config, mesh, config.num_classes)
+    compiled, compile_info = _compile(
+      training.train_step, training.layout, batch
+    )
+
+  def new_state():
+    with sharding.activation_sharding(mesh, config.sharding):
+      return training.new_state(config.seed)
+
+  return Setup(
+    model=model,
+    mesh=mesh,
+    layout=training.layout,
+    batch=batch,
+    train_step=compiled,
+    compile_info=compile_info,
+    forward_flops=flops.forward_flops(
+      config.model_name,
+      config.image_size,
+      config.num_classes,
+      **description.overrides,
+    ),
+    new_state=new_state,
+  )
+
+
+def run_benchmark(
+  config: ml_collections.ConfigDict, profile_dir: str | None = None
+) -> dict[str, Any]:
+  """Runs the benchmark of `config`; returns the results (see module doc).
+
+  Args:
+    config: a benchmark config (configs/benchmark.py).
+    profile_dir: where a `jax.profiler` trace of `benchmark.profile_steps`
+      extra training steps goes, if any.
+  """
+  bench = config.benchmark
+  host_baseline = host_memory_peak_bytes()
+  setup = build(config)
+  results: dict[str, Any] = {
+    'compile': setup.compile_info,
+    'train': None,
+    'inference': None,
+    'host_to_device_s': None,
+  }
+  peak = None
+  if not bench.compile_only:
+    results.update(_run_steps(config, setup, profile_dir))
+    peak = matmul_peak(config.model.dtype, bench.peak_matmul_size, setup.mesh)
+    for key in ('train', 'inference'):
+      results[key]['mfu'] = results[key]['model_flops_per_s'] / peak
+
+  devices = setup.mesh.devices.flatten().tolist()
+  params = jax.tree.leaves(setup.layout.abstract.params)
+  results.update(
+    model=config.model_name,
+    image_size=config.image_size,
+    batch_size=config.batch_size,
+    num_classes=config.num_classes,
+    dtype=config.model.dtype,
+    scan=bool(config.model.scan),
+    remat_policy=config.model.remat_policy,
+    sharding=config.sharding,
+    mesh=dict(setup.mesh.shape),
+    step=config.step,
+    optimizer=config.optimizer.name,
+    ema_decay=config.ema_decay,
+    params=int(sum(np.prod(x.shape) for x in params)),
+    forward_flops_per_image=setup.forward_flops,
+    peak={
+      'flops_per_s': peak,
+      'matmul_size': bench.peak_matmul_size,
+      'dtype': config.model.dtype,
+    },
+    memory={
+      'host_peak_bytes': host_memory_peak_bytes(),
+      'host_baseline_bytes': host_baseline,
+      'device': device_memory(devices),
+      'step_bytes': step_memory(setup.train_step),
+    },
+    backend=jax.default_backend(),
+    device_kind=devices[0].device_kind,
+    device_count=len(devices),
+    process_count=jax.process_count(),
+    jax_version=jax.__version__,
+  )
+  return results
+
+
+def _fmt_rate(rates: dict[str, float]) -> str:
+  return f'{rates["median"]:.3g} ({rates["min"]:.3g}-{rates["max"]:.3g})'
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The results as a small plain-text table."""
+  rows = [
+    ('model', f'{results["model"]} {results["image_size"]}px, batch '
+              f'{results["batch_size"]}, {results["dtype"]}, scan='
+              f'{results["scan"]}, remat={results["remat_policy"]}'),
+    ('devices', f'{results["device_count"]} x {results["device_kind"]} '
+                f'({results["backend"]}), {results["sharding"]} '
+                f'mesh {results["mesh"]}'),
+    ('compile', f'{results["compile"]["total_s"]:.1f} s (cache hit: '
+                f'{results["compile"]["cache_hit"]})'),
+  ]  # fmt: skip
+  for key in ('train', 'inference'):
+    if results[key]:
+      r = results[key]
+      rows.append((
+        f'{key} img/s',
+        f'{_fmt_rate(r["images_per_s"])}, '
+        f'{r["model_flops_per_s"] / 1e9:.1f} GFLOP/s, MFU {r["mfu"]:.1%}',
+      ))  # fmt: skip
+  if results['peak']['flops_per_s']:
+    rows.append((
+      'peak', f'{results["peak"]["flops_per_s"] / 1e9:.1f} GFLOP/s '
+              f'({results["peak"]["matmul_size"]}^3 {results["dtype"]})',
+    ))  # fmt: skip
+  memory = results['memory']
+  rows.append(
+    ('host memory', f'{memory["host_peak_bytes"] / 2**30:.2f} GiB peak')
+  )
+  if memory['device']['peak_bytes'] is not None:
+    rows.append((
+      'device memory', f'{memory["device"]["peak_bytes"] / 2**30:.2f} GiB peak'
+    ))  # fmt: skip
+  width = max(len(name) for name, _ in rows)
+  return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The `benchmark` job: runs, prints the table, writes benchmark.json."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  results = run_benchmark(config, profile_dir=str(workdir / 'profile'))
+  table = format_table(results)
+  if jax.process_index() == 0:
+    print(table, flush=True)
+  workdir_lib.write_json(workdir, 'benchmark.json', results)
+  return results
