@@ -5,7 +5,7 @@ augmented training batches at 224x224 (inception crop, flip, optionally
 RandAugment) on one core and on all cores, and compares with the images/s a
 ViT-B/16 training step consumes on a CPU.
 
-  python -m vit_jax.data.benchmark [--images=256] [--seconds=10]
+  python -m vit_jax.data.throughput [--images=256] [--seconds=10]
 """
 
 import os
