@@ -217,6 +217,7 @@ def test_default_config_has_the_documented_keys():
     'mixup_alpha': 0.0,
     'randaugment_layers': 0,
     'randaugment_magnitude': 10,
+    'augreg': None,
   }
   assert config.dataset == 'digits' and config.download is False
   config.splits.val = 'train[90%:]'  # Each split is its own field.

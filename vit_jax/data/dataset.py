@@ -34,9 +34,14 @@ def default_config() -> ml_collections.ConfigDict:
         'min_area': 0.05,
         'flip': True,
         'eval_crop': 'resize',  # Or 'central' (resize 256/224, crop).
-        'mixup_alpha': 0.0,
+        'mixup_alpha': 0.0,  # Mixup's p: ratios from Beta(p, p).
+        # RandAugment as big_vision's randaug(layers, magnitude); 0 layers
+        # is off.
         'randaugment_layers': 0,
         'randaugment_magnitude': 10,
+        # An AugReg setting ('light1', 'medium2', ...: preprocess.AUGREG)
+        # setting the three keys above.
+        'augreg': config_dict.placeholder(str),
       },
       'shuffle_buffer': 10_000,  # Records per process (tfds sources).
       'prefetch': 2,  # Batches in flight to the devices.
@@ -58,6 +63,7 @@ def _check_config(config, data_devices: int):
     raise ValueError(
       f'config.pp.min_area={config.pp.min_area} is not in (0, 1].'
     )
+  preprocess.resolve_augreg(config.pp)  # Checks the AugReg setting.
   if config.pp.mixup_alpha < 0:
     raise ValueError(f'config.pp.mixup_alpha={config.pp.mixup_alpha} < 0.')
   for key in ('batch_size', 'eval_batch_size'):
