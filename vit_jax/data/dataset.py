@@ -18,7 +18,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     {
       # 'digits', a preset (list_presets()), 'tfds:NAME' or a tfds name, or
-      # a directory with train/<class>/* and test/<class>/* images.
+      # a folder of images: root/<class>/* or root/train/<class>/* with
+      # optional root/val/<class>/* and root/test/<class>/*.
       'dataset': 'digits',
       'data_dir': config_dict.placeholder(str),  # tfds' default when None.
       'download': False,  # Only prepared tfds data unless True.
@@ -117,7 +118,15 @@ class Dataset:
 
   @property
   def class_names(self) -> list[str] | None:
+    """Folder names, '0'..'9' for digits, a tfds label's names."""
     return self._source.class_names
+
+  def split_files(self) -> dict[str, list[str]] | None:
+    """{split: sorted file paths relative to the folder}, for a record.
+
+    None where the examples are not files (digits, tfds datasets).
+    """
+    return self._source.split_files()
 
   def num_examples(self, split: str) -> int:
     """Size of a split ('train', 'val', 'test' or 'train_full')."""

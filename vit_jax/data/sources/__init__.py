@@ -48,7 +48,7 @@ def _unknown(name: str) -> ValueError:
   return ValueError(
     f'Unknown dataset {name!r}.{hint} Use a preset (see '
     'vit_jax.data.list_presets()), "tfds:NAME" for any tfds dataset, or a '
-    'directory with train/<class>/ and test/<class>/ images.'
+    'folder of images, root/<class>/* or root/train/<class>/*.'
   )
 
 

@@ -1,18 +1,47 @@
 """Sources of examples addressable by index: decoded arrays or image files.
 
 `digits` is scikit-learn's digit scans held in memory; image folders
-(`folder.image_folder`) are ArraySources of file paths.
+(`folder.image_folder`) are ArraySources of image files.
 """
 
+import dataclasses
+import io
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from vit_jax.data import presets
-from vit_jax.data.presets import SplitSpec
+from vit_jax.data.presets import SPLITS, SplitSpec
 from vit_jax.data.sources import base
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+  """Image files under a folder.
+
+  Attributes:
+    root: the folder.
+    paths: the files, relative to `root`.
+    via_pil: for each file, whether PIL decodes it: files TF would decode
+      otherwise than PIL shows them (palette or 1-bit BMPs, CMYK JPEGs,
+      WebP, ...) are converted to RGB by PIL and handed on as 24-bit BMPs.
+  """
+
+  root: str
+  paths: Sequence[str]
+  via_pil: Sequence[bool]
+
+
+def _rgb_bmp(path: bytes) -> bytes:
+  """The image at `path` as PIL shows it in RGB, as a 24-bit BMP."""
+  buffer = io.BytesIO()
+  with Image.open(path.decode()) as image:
+    image.convert('RGB').save(buffer, format='BMP')
+  return buffer.getvalue()
 
 
 class ArraySource(base.Source):
@@ -31,7 +60,7 @@ class ArraySource(base.Source):
   def __init__(
     self,
     name: str,
-    images: np.ndarray,
+    images: np.ndarray | ImageFiles,
     labels: np.ndarray,
     split_sizes: Mapping[str, int],
     splits: Mapping[str, SplitSpec],
@@ -41,7 +70,7 @@ class ArraySource(base.Source):
 
     Args:
       name: the dataset's name, for messages.
-      images: uint8 (N, H, W, 3) images, or N image file paths.
+      images: uint8 (N, H, W, 3) images, or N image files.
       labels: int (N,) class ids.
       split_sizes: the tfds-style base splits, laid out one after the other
         in `images` (e.g. {'train': 1437, 'test': 360}).
@@ -51,8 +80,14 @@ class ArraySource(base.Source):
     self.name = name
     self.class_names = list(class_names)
     self.num_classes = len(class_names)
-    self._files = images.dtype.kind in 'OUS'
-    self._images = tf.constant(images)
+    self._files = images if isinstance(images, ImageFiles) else None
+    if self._files is None:
+      self._images = tf.constant(images)
+    else:
+      self._images = tf.constant(
+        [os.path.join(images.root, path) for path in images.paths]
+      )
+      self._via_pil = tf.constant(np.asarray(images.via_pil, bool))
     self._labels = tf.constant(labels, tf.int64)
     offsets = np.cumsum([0, *split_sizes.values()])
     self._offsets = dict(zip(split_sizes, offsets.tolist(), strict=False))
@@ -71,10 +106,31 @@ class ArraySource(base.Source):
     rows = [np.arange(a, b) + self._offsets[s] for s, a, b in ranges]
     return np.concatenate([np.zeros([0], np.int64), *rows]).astype(np.int64)
 
+  def split_files(self):
+    if self._files is None:
+      return None
+    return {
+      split: sorted(self._files.paths[row] for row in self._rows(split, 0, 1))
+      for split in SPLITS
+    }
+
+  def _read(self, path: tf.Tensor, row: tf.Tensor) -> tf.Tensor:
+    """The encoded image at `path`, re-encoded by PIL where it must be."""
+    if not any(self._files.via_pil):
+      return tf.io.read_file(path)
+
+    def via_pil():
+      encoded = tf.numpy_function(_rgb_bmp, [path], tf.string, stateful=False)
+      return tf.ensure_shape(encoded, [])
+
+    return tf.cond(
+      tf.gather(self._via_pil, row), via_pil, lambda: tf.io.read_file(path)
+    )
+
   def _record(self, row: tf.Tensor) -> dict[str, tf.Tensor]:
     image = tf.gather(self._images, row)
-    if self._files:
-      image = tf.io.read_file(image)
+    if self._files is not None:
+      image = self._read(image, row)
     return {'image': image, 'label': tf.gather(self._labels, row)}
 
   def read(self, split, process_index=0, process_count=1):

@@ -138,6 +138,13 @@ class Source(abc.ABC):
     stream, so global batches do not depend on the number of processes.
     """
 
+  def split_files(self) -> dict[str, list[str]] | None:
+    """The files of each of SPLITS, relative to the dataset's folder.
+
+    None where the examples are not files (digits, tfds datasets).
+    """
+    return None
+
   def shard(
     self, split: str, process_index: int = 0, process_count: int = 1
   ) -> tfds.typing.SplitArg:

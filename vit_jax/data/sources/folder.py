@@ -1,6 +1,31 @@
-"""Image folders: one sub-folder of images per class."""
+"""Image folders: one sub-folder of images per class, split or not.
+
+Two layouts:
+
+  root/<class>/*                    every image; val and test are cut from it;
+  root/train/<class>/*              train, with optional held-out folders
+  [root/val/<class>/* or            root/val (or root/validation) and
+   root/validation/<class>/*]       root/test; a missing one is cut from train.
+  [root/test/<class>/*]
+
+Class names are the sorted class folder names (hidden folders are ignored);
+every split folder must have the same classes. A cut takes, in each class
+separately, 10% of its images for each missing held-out split (at least one
+where the class keeps a training image), in a pseudo-random order that
+depends only on the class's name and files, so the same files always give
+the same splits. `Source.split_files()` lists the files of each split.
+
+Every file with an image extension is checked once. PNGs and RGB or grey
+JPEGs are decoded by TF; any other image PIL reads (palette or 1-bit BMPs,
+CMYK JPEGs, GIFs, WebP, TIFF) is decoded by PIL as PIL shows it in RGB.
+Files PIL cannot read completely (broken or truncated) are skipped, named
+and counted in one warning. A class folder without a readable image is an
+error: skipping it would silently change the classes, and keeping it would
+make a class that cannot be learnt.
+"""
 
 import concurrent.futures
+import math
 import os
 from collections.abc import Mapping
 
@@ -9,72 +34,182 @@ from absl import logging
 from PIL import Image
 
 from vit_jax.data.presets import SplitSpec
-from vit_jax.data.sources.arrays import ArraySource
+from vit_jax.data.sources.arrays import ArraySource, ImageFiles
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
-# Formats tf.io.decode_image reads, as PIL names them.
-_DECODABLE = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP')
+IMAGE_EXTENSIONS = (
+  '.jpg',
+  '.jpeg',
+  '.png',
+  '.gif',
+  '.bmp',
+  '.webp',
+  '.tif',
+  '.tiff',
+)
+_VAL_DIRS = ('val', 'validation')
+_SPLIT_DIRS = ('train', *_VAL_DIRS, 'test')
+# The share of each class cut for each missing held-out split.
+_HELD_OUT_FRACTION = 0.1
+_CUT_SEED = 0
 
 
-def _image_problem(path: str) -> str | None:
-  """Why a file is not a readable image tf can decode, or None."""
+def _check(path: str) -> tuple[bool, str | None]:
+  """(whether PIL must decode the file, why it is unreadable or None)."""
   try:
     with Image.open(path) as image:
-      if image.format not in _DECODABLE:
-        return f'format {image.format} is not one of {_DECODABLE}'
-      # Checks the whole PNG stream (CRCs, truncation) without decoding.
-      image.verify()
+      tf_decodes = image.format == 'PNG' or (
+        image.format in ('JPEG', 'MPO') and image.mode in ('RGB', 'L')
+      )
+      if image.format == 'PNG':
+        image.verify()  # Checks CRCs and truncation without decoding.
+      else:
+        if image.format in ('JPEG', 'MPO'):
+          # Decoding at 1/8 scale is fast and still reaches the end.
+          image.draft(None, (1, 1))
+        image.load()
   except Exception as e:  # Any failure means the file is unreadable.
-    return f'{type(e).__name__}: {e}'
-  return None
+    return False, f'{type(e).__name__}: {e}'
+  return not tf_decodes, None
 
 
-def _list_images(directory: str) -> list[str]:
+def _sub_dirs(directory: str) -> list[str]:
+  return sorted(
+    e.name
+    for e in os.scandir(directory)
+    if e.is_dir() and not e.name.startswith('.')
+  )
+
+
+def _list_images(root: str, directory: str) -> list[str]:
+  """Image files under root/directory, relative to root, sorted."""
   found = []
-  for parent, dirs, files in os.walk(directory):
+  for parent, dirs, files in os.walk(os.path.join(root, directory)):
     dirs.sort()
     found += [
-      os.path.join(parent, f)
+      os.path.relpath(os.path.join(parent, f), root)
       for f in sorted(files)
       if f.lower().endswith(IMAGE_EXTENSIONS)
     ]
   return found
 
 
-def _readable(paths: list[str], root: str) -> list[bool]:
-  """Checks every file once; reports and counts the unreadable ones."""
-  with concurrent.futures.ThreadPoolExecutor(32) as pool:
-    problems = list(pool.map(_image_problem, paths))
-  for path, problem in zip(paths, problems, strict=True):
-    if problem:
-      logging.warning('Skipping unreadable image %s (%s).', path, problem)
-  skipped = sum(p is not None for p in problems)
-  if skipped:
-    logging.warning(
-      'Skipped %d of %d files under %s that are not readable images.',
-      skipped,
-      len(paths),
-      root,
+def _split_dirs(root: str) -> tuple[list[str], list[str]]:
+  """(split folders, class names) of a folder, checked."""
+  entries = _sub_dirs(root)
+  split_dirs = [d for d in _SPLIT_DIRS if d in entries]
+  if not split_dirs:
+    if not entries:
+      raise ValueError(
+        f'Image folder {root!r} has no class folders; put the images of '
+        'each class in a folder of its own, root/<class>/*.'
+      )
+    return [''], entries
+  others = sorted(set(entries) - set(split_dirs))
+  problem = None
+  if others:
+    problem = f'it mixes split folders {split_dirs} with others {others}'
+  elif 'train' not in split_dirs:
+    problem = f'it has {split_dirs} but no train/'
+  elif all(d in split_dirs for d in _VAL_DIRS):
+    problem = 'it has both val/ and validation/'
+  if problem:
+    raise ValueError(
+      f'Image folder {root!r}: {problem}. Use root/<class>/* or '
+      'root/train/<class>/* with optional root/val/<class>/* and '
+      'root/test/<class>/*.'
     )
-  return [p is None for p in problems]
+  classes = {d: _sub_dirs(os.path.join(root, d)) for d in split_dirs}
+  for d in split_dirs:
+    if classes[d] != classes['train']:
+      only_train = sorted(set(classes['train']) - set(classes[d]))
+      only_split = sorted(set(classes[d]) - set(classes['train']))
+      raise ValueError(
+        f'Image folder {root!r}: the classes of {d}/ differ from those of '
+        f'train/ (only in train/: {only_train}; only in {d}/: {only_split}).'
+      )
+  return split_dirs, classes['train']
+
+
+def _scan(root: str, files: list[str]) -> tuple[list[bool], dict[str, str]]:
+  """(PIL decodes, for each file; problem of each unreadable file)."""
+  paths = [os.path.join(root, f) for f in files]
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    checks = list(pool.map(_check, paths))
+  skipped = {f: p for f, (_, p) in zip(files, checks, strict=True) if p}
+  if skipped:
+    listing = ''.join(f'\n  {f} ({p})' for f, p in skipped.items())
+    logging.warning(
+      'Skipped %d of %d image files under %s that PIL cannot read:%s',
+      len(skipped),
+      len(files),
+      root,
+      listing,
+    )
+  via_pil = sum(pil for pil, problem in checks if not problem)
+  if via_pil:
+    logging.info('%d images under %s are decoded by PIL.', via_pil, root)
+  return [pil for pil, _ in checks], skipped
+
+
+def _cut(
+  paths: list[str], labels: np.ndarray, classes: list[str], held_out: list
+) -> np.ndarray:
+  """The split of each training file: 'train' or one of `held_out`.
+
+  Each class is cut on its own, in an order seeded by its name, so adding
+  files to one class leaves the others' splits as they were.
+  """
+  assignment = np.full(len(paths), 'train', dtype=object)
+  for label, name in enumerate(classes):
+    members = np.flatnonzero(labels == label)
+    members = members[np.argsort([paths[i] for i in members])]
+    rng = np.random.default_rng([_CUT_SEED, *name.encode()])
+    members = rng.permutation(members)
+    start = 0
+    for split in held_out:
+      wanted = max(1, math.floor(_HELD_OUT_FRACTION * len(members) + 0.5))
+      # At least one image of the class stays in train.
+      take = max(0, min(wanted, len(members) - start - 1))
+      assignment[members[start : start + take]] = split
+      start += take
+  return assignment
+
+
+def _files(root: str, split_dirs: list[str], classes: list[str]):
+  """(paths relative to root, labels, split folders) of every image file."""
+  files, labels, dirs = [], [], []
+  for d in split_dirs:
+    for label, name in enumerate(classes):
+      found = _list_images(root, os.path.join(d, name))
+      files += found
+      labels += [label] * len(found)
+      dirs += [d] * len(found)
+  return files, np.array(labels, int), np.array(dirs, dtype=object)
+
+
+def _check_no_empty_class(root, split_dirs, classes, labels, dirs):
+  present = set(zip(dirs.tolist(), labels.tolist(), strict=True))
+  for d in split_dirs:
+    for label, name in enumerate(classes):
+      if (d, label) not in present:
+        folder = os.path.join(root, d, name)
+        raise ValueError(
+          f'Image folder {root!r}: class folder {folder!r} has no readable '
+          f'images ({", ".join(IMAGE_EXTENSIONS)}); add images or remove it.'
+        )
 
 
 def image_folder(
   root: str, splits: Mapping[str, SplitSpec] | None = None
 ) -> ArraySource:
-  """Images in `root/{train,test}/<class>/*` (and optionally `root/val`).
-
-  Class names are the sorted sub-directory names of `train`; every split must
-  have the same classes. Files that are not readable images are reported with
-  their path, counted and skipped. Each split's files are put in a fixed
-  pseudo-random order, so that a slice such as 'train[90%:]' or a process's
-  shard samples every class.
+  """The images of a folder, in either layout of the module doc.
 
   Args:
     root: the folder.
     splits: split specs overriding the defaults (train: 'train', val: 'val'
-      or 'validation' where present, else 'test', test: 'test', train_full:
-      'train').
+      or 'validation', test: 'test', train_full: 'train', or 'train+val'
+      where val is cut from train). The base splits they slice are the split
+      folders' names, and 'val' and 'test' where those are cut.
 
   Returns:
     The source.
@@ -82,61 +217,48 @@ def image_folder(
   root = os.path.expanduser(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f'Image folder {root!r} does not exist.')
-  present = [
-    d
-    for d in ('train', 'val', 'validation', 'test')
-    if os.path.isdir(os.path.join(root, d))
+  split_dirs, classes = _split_dirs(root)
+  files, labels, dirs = _files(root, split_dirs, classes)
+  via_pil, skipped = _scan(root, files)
+  keep = np.array([f not in skipped for f in files], bool)
+  _check_no_empty_class(root, split_dirs, classes, labels[keep], dirs[keep])
+  files = [f for f, k in zip(files, keep, strict=True) if k]
+  via_pil = np.array(via_pil, bool)[keep]
+  labels, bases = labels[keep], dirs[keep]
+  bases[bases == ''] = 'train'  # A folder of classes is all training data.
+  val = next((d for d in _VAL_DIRS if d in split_dirs), None)
+  held_out = [
+    s for s, d in (('test', 'test'), ('val', val)) if d not in split_dirs
   ]
-  if 'train' not in present or 'test' not in present:
-    raise ValueError(
-      f'Image folder {root!r} needs train/<class>/ and test/<class>/ '
-      f'sub-directories of images; it has {sorted(os.listdir(root))}.'
+  if held_out:
+    train = np.flatnonzero(bases == 'train')
+    bases[train] = _cut(
+      [files[i] for i in train], labels[train], classes, held_out
     )
-  classes = {
-    split: sorted(
-      e.name for e in os.scandir(os.path.join(root, split)) if e.is_dir()
+    logging.info(
+      'Image folder %s: %s cut from its training images, by class.',
+      root,
+      ' and '.join(held_out),
     )
-    for split in present
-  }
-  for split in present:
-    if classes[split] != classes['train']:
-      only_train = sorted(set(classes['train']) - set(classes[split]))
-      only_split = sorted(set(classes[split]) - set(classes['train']))
-      raise ValueError(
-        f'Image folder {root!r}: the classes of {split}/ differ from those of '
-        f'train/ (only in train/: {only_train}; only in {split}/: '
-        f'{only_split}).'
-      )
-  paths, labels, sizes = [], [], {}
-  for split in present:
-    files = [
-      (path, label)
-      for label, name in enumerate(classes['train'])
-      for path in _list_images(os.path.join(root, split, name))
-    ]
-    ok = _readable([path for path, _ in files], os.path.join(root, split))
-    files = [f for f, good in zip(files, ok, strict=True) if good]
-    if not files:
-      raise ValueError(
-        f'Image folder {root!r}: no readable images '
-        f'({", ".join(IMAGE_EXTENSIONS)}) under {split}/<class>/.'
-      )
-    order = np.random.default_rng(0).permutation(len(files))
-    paths += [files[i][0] for i in order]
-    labels += [files[i][1] for i in order]
-    sizes[split] = len(files)
-  val = next((d for d in ('val', 'validation') if d in present), 'test')
+  # Each base split in a fixed pseudo-random order, so that a slice such as
+  # 'train[90%:]' or a process's shard samples every class.
+  names = [n for n in ('train', 'val', 'validation', 'test') if n in bases]
+  rows = [
+    np.random.default_rng(0).permutation(np.flatnonzero(bases == n))
+    for n in names
+  ]
+  order = np.concatenate(rows)
   defaults = {
     'train': 'train',
-    'val': val,
+    'val': val or 'val',
     'test': 'test',
-    'train_full': 'train',
+    'train_full': 'train+val' if 'val' in held_out else 'train',
   }
   return ArraySource(
     root,
-    np.array(paths, dtype=object),
-    np.array(labels),
-    sizes,
+    ImageFiles(root, [files[i] for i in order], via_pil[order].tolist()),
+    labels[order],
+    {n: len(r) for n, r in zip(names, rows, strict=True)},
     {**defaults, **(splits or {})},
-    classes['train'],
+    classes,
   )
