@@ -61,9 +61,11 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-  """train: 3 classes of 5, 4 and 4 images; test: 3 classes of 3 images."""
+  """train: 3 classes of 5, 4 and 4 images; test: 3 classes of 3 images.
+
+  The 13 training images are train_full; val is cut from them.
+  """
   root = tmp_path_factory.mktemp('folder')
-  rng = np.random.default_rng(0)
   example_id = 0
   for split, counts in (('train', (5, 4, 4)), ('test', (3, 3, 3))):
     for label, count in enumerate(counts):
@@ -73,13 +75,20 @@ def folder(tmp_path_factory):
         path = root / split / f'class{label}' / f'{example_id}.png'
         Image.fromarray(image).save(path)
         example_id += 1
-  # Textured images for augmentation to act on, in a folder of their own.
+  return str(root)
+
+
+@pytest.fixture(scope='module')
+def textured(tmp_path_factory):
+  """Textured images for augmentation to act on."""
+  root = tmp_path_factory.mktemp('textured')
+  rng = np.random.default_rng(0)
   for split in ('train', 'test'):
     for label in range(2):
-      (root / 'textured' / split / f'class{label}').mkdir(parents=True)
+      (root / split / f'class{label}').mkdir(parents=True)
       for i in range(6):
         image = rng.integers(0, 256, (16, 16, 3), np.uint8)
-        path = root / 'textured' / split / f'class{label}' / f'{i}.jpg'
+        path = root / split / f'class{label}' / f'{i}.jpg'
         Image.fromarray(image).save(path)
   return str(root)
 
@@ -115,8 +124,8 @@ def test_folder_eval_sees_every_example_once(folder, mesh, process_count):
     ds = data.get_dataset(
       config, mesh, process_index=p, process_count=process_count
     )
-    per_process.append(list(ds.local_eval_iter('train')))
-    assert len(per_process[-1]) == ds.eval_steps('train')
+    per_process.append(list(ds.local_eval_iter('train_full')))
+    assert len(per_process[-1]) == ds.eval_steps('train_full')
   # Every process serves the same number of batches of the local size.
   assert len({len(b) for b in per_process}) == 1
   for batches in per_process:
@@ -208,8 +217,8 @@ def test_digits_stream_resumes_with_its_augmentation(mesh):
   _assert_resumes(ds, start=19, steps=3)
 
 
-def test_folder_stream_resumes_with_its_augmentation(folder, mesh):
-  ds = data.get_dataset(_augmented(f'{folder}/textured'), mesh)
+def test_folder_stream_resumes_with_its_augmentation(textured, mesh):
+  ds = data.get_dataset(_augmented(textured), mesh)
   _assert_resumes(ds, start=4, steps=3)
 
 
@@ -231,9 +240,8 @@ def test_each_epoch_is_a_new_permutation(folder, tfds_dir, mesh, source):
     config.shuffle_buffer, n = 100, 23
   ds = data.get_dataset(config, mesh)
   steps = 3 * n // 8 + 1
-  ids = np.concatenate(
-    [_ids(b['images']) for b in _first(ds.train_iter(), steps)]
-  )
+  batches = _first(ds.train_iter(split='train_full'), steps)
+  ids = np.concatenate([_ids(b['images']) for b in batches])
   epochs = [ids[e * n : (e + 1) * n] for e in range(3)]
   for epoch in epochs:
     np.testing.assert_array_equal(np.sort(epoch), np.arange(n))

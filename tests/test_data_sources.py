@@ -1,6 +1,8 @@
-"""Tests of the data sources: digits, image folders, tfds errors, splits."""
+"""Tests of the data sources: digits, tfds errors, splits, config keys.
 
-import logging
+Image folders are tested in test_data_folders.py.
+"""
+
 import os
 import time
 
@@ -69,62 +71,6 @@ def test_digits_is_the_real_scikit_learn_data(mesh):
   np.testing.assert_allclose(
     np.bincount(test_labels), np.bincount(digits.target) * 0.2, atol=1
   )
-
-
-def test_image_folder_skips_and_reports_corrupt_files(tmp_path, mesh, caplog):
-  for split, n in (('train', 3), ('test', 2)):
-    for label, name in enumerate(('cat', 'dog')):
-      for i in range(n):
-        _write_png(tmp_path / split / name / f'{i}.png', 40 * label + i)
-  broken = tmp_path / 'train' / 'dog' / 'broken.jpg'
-  broken.write_bytes(b'this is not a jpeg')
-  truncated = tmp_path / 'test' / 'cat' / 'truncated.png'
-  truncated.write_bytes((tmp_path / 'test' / 'cat' / '0.png').read_bytes()[:60])
-  # A JPEG cut short still decodes (its missing rows grey): kept.
-  jpeg = tmp_path / 'test' / 'dog' / 'cut.jpg'
-  texture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
-  Image.fromarray(texture).save(jpeg)
-  jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
-  (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
-
-  with caplog.at_level(logging.WARNING):
-    ds = data.get_dataset(_config(dataset=str(tmp_path)), mesh)
-
-  assert ds.class_names == ['cat', 'dog']
-  assert ds.num_examples('train') == 6 and ds.num_examples('test') == 5
-  messages = [r.getMessage() for r in caplog.records]
-  for path in (broken, truncated):
-    assert sum(str(path) in m for m in messages) == 1
-  assert any('Skipped 1 of 7 files' in m for m in messages)
-  assert any('Skipped 1 of 6 files' in m for m in messages)
-  values = _eval_images(ds, 'train')[:, 0, 0, 0]
-  assert sorted(np.round((values + 1) * 127.5)) == [0, 1, 2, 40, 41, 42]
-  assert _eval_images(ds, 'test').shape == (5, 8, 8, 3)
-
-
-def test_image_folder_errors(tmp_path, mesh):
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    data.get_dataset(_config(dataset=str(tmp_path / 'missing')), mesh)
-
-  (tmp_path / 'train' / 'a').mkdir(parents=True)
-  (tmp_path / 'test' / 'a').mkdir(parents=True)
-  with pytest.raises(ValueError, match='no readable images'):
-    data.get_dataset(_config(dataset=str(tmp_path)), mesh)
-
-  _write_png(tmp_path / 'train' / 'a' / '0.png', 1)
-  _write_png(tmp_path / 'train' / 'b' / '0.png', 2)
-  _write_png(tmp_path / 'test' / 'a' / '0.png', 3)
-  _write_png(tmp_path / 'test' / 'c' / '0.png', 4)
-  with pytest.raises(ValueError, match=r"only in train/: \['b'\].*\['c'\]"):
-    data.get_dataset(_config(dataset=str(tmp_path)), mesh)
-
-  os.remove(tmp_path / 'test' / 'c' / '0.png')
-  os.rmdir(tmp_path / 'test' / 'c')
-  _write_png(tmp_path / 'test' / 'b' / '0.png', 4)
-  with pytest.raises(ValueError, match=r'config\.splits\.val'):
-    data.get_dataset(
-      _config(dataset=str(tmp_path), splits={'val': 'validation'}), mesh
-    )
 
 
 def test_missing_tfds_data_fails_fast_and_says_how_to_prepare(tmp_path, mesh):
@@ -217,6 +163,7 @@ def test_default_config_has_the_documented_keys():
     'mixup_alpha': 0.0,
     'randaugment_layers': 0,
     'randaugment_magnitude': 10,
+    'augreg': None,
   }
   assert config.dataset == 'digits' and config.download is False
   config.splits.val = 'train[90%:]'  # Each split is its own field.

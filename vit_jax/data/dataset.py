@@ -18,7 +18,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     {
       # 'digits', a preset (list_presets()), 'tfds:NAME' or a tfds name, or
-      # a directory with train/<class>/* and test/<class>/* images.
+      # a folder of images: root/<class>/* or root/train/<class>/* with
+      # optional root/val/<class>/* and root/test/<class>/*.
       'dataset': 'digits',
       'data_dir': config_dict.placeholder(str),  # tfds' default when None.
       'download': False,  # Only prepared tfds data unless True.
@@ -34,9 +35,14 @@ def default_config() -> ml_collections.ConfigDict:
         'min_area': 0.05,
         'flip': True,
         'eval_crop': 'resize',  # Or 'central' (resize 256/224, crop).
-        'mixup_alpha': 0.0,
+        'mixup_alpha': 0.0,  # Mixup's p: ratios from Beta(p, p).
+        # RandAugment as big_vision's randaug(layers, magnitude); 0 layers
+        # is off.
         'randaugment_layers': 0,
         'randaugment_magnitude': 10,
+        # An AugReg setting ('light1', 'medium2', ...: preprocess.AUGREG)
+        # setting the three keys above.
+        'augreg': config_dict.placeholder(str),
       },
       'shuffle_buffer': 10_000,  # Records per process (tfds sources).
       'prefetch': 2,  # Batches in flight to the devices.
@@ -58,6 +64,7 @@ def _check_config(config, data_devices: int):
     raise ValueError(
       f'config.pp.min_area={config.pp.min_area} is not in (0, 1].'
     )
+  preprocess.resolve_augreg(config.pp)  # Checks the AugReg setting.
   if config.pp.mixup_alpha < 0:
     raise ValueError(f'config.pp.mixup_alpha={config.pp.mixup_alpha} < 0.')
   for key in ('batch_size', 'eval_batch_size'):
@@ -111,7 +118,15 @@ class Dataset:
 
   @property
   def class_names(self) -> list[str] | None:
+    """Folder names, '0'..'9' for digits, a tfds label's names."""
     return self._source.class_names
+
+  def split_files(self) -> dict[str, list[str]] | None:
+    """{split: sorted file paths relative to the folder}, for a record.
+
+    None where the examples are not files (digits, tfds datasets).
+    """
+    return self._source.split_files()
 
   def num_examples(self, split: str) -> int:
     """Size of a split ('train', 'val', 'test' or 'train_full')."""

@@ -74,6 +74,7 @@ def train_dataset(
     (b, K)} with b = config.batch_size / process_count.
   """
   batch = local_batch_size(config.batch_size, process_count, 'batch_size')
+  pp = preprocess.resolve_augreg(config.pp)
   examples = source.stream(
     split,
     seed=config.seed,
@@ -84,7 +85,7 @@ def train_dataset(
     process_count=process_count,
   )
   fn = preprocess.train_fn(
-    config.pp,
+    pp,
     image_size=config.image_size,
     num_classes=source.num_classes,
     loss=config.loss,
@@ -96,7 +97,7 @@ def train_dataset(
   batches = examples.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(
     batch, drop_remainder=True
   )
-  alpha = config.pp.mixup_alpha
+  alpha = pp.mixup_alpha
   if alpha > 0:
     steps = tf.data.Dataset.range(start_step, _END)
     batches = tf.data.Dataset.zip(batches, steps).map(

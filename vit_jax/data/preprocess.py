@@ -8,6 +8,7 @@ run was resumed.
 
 from collections.abc import Callable
 
+import ml_collections
 import tensorflow as tf
 
 from vit_jax.data import randaugment as randaugment_lib
@@ -15,6 +16,17 @@ from vit_jax.data import randaugment as randaugment_lib
 TRAIN_CROPS = ('inception', 'resize')
 EVAL_CROPS = ('resize', 'central')
 LOSSES = ('softmax_xent', 'sigmoid_xent')
+# AugReg's augmentation settings (big_vision's configs/vit_i1k.py and
+# vit_i21k.py): RandAugment (layers, magnitude) and mixup p.
+AUGREG = {
+  'none': (0, 0, 0.0),
+  'light1': (2, 0, 0.0),
+  'light2': (2, 10, 0.2),
+  'medium1': (2, 15, 0.2),
+  'medium2': (2, 15, 0.5),
+  'strong1': (2, 20, 0.5),
+  'strong2': (2, 20, 0.8),
+}
 Record = dict[str, tf.Tensor]
 
 
@@ -140,12 +152,52 @@ def labels(label: tf.Tensor, num_classes: int, loss: str) -> tf.Tensor:
   return targets
 
 
+def resolve_augreg(pp: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `pp` config with an AugReg setting spelled out.
+
+  `pp.augreg` names one of AUGREG; it sets randaugment_layers,
+  randaugment_magnitude and mixup_alpha, which must then be left unset.
+
+  Args:
+    pp: the `pp` config.
+
+  Returns:
+    `pp` itself without an AugReg setting, else a copy with its values.
+  """
+  name = pp.get('augreg')
+  if not name:
+    return pp
+  if name not in AUGREG:
+    raise ValueError(
+      f'config.pp.augreg={name!r}; use one of {list(AUGREG)} or None.'
+    )
+  if pp.randaugment_layers or pp.mixup_alpha:
+    raise ValueError(
+      f'config.pp.augreg={name!r} sets RandAugment and mixup; leave '
+      'config.pp.randaugment_layers and config.pp.mixup_alpha at 0, or unset '
+      'config.pp.augreg.'
+    )
+  layers, magnitude, mixup_p = AUGREG[name]
+  resolved = pp.copy_and_resolve_references()
+  resolved.update(
+    randaugment_layers=layers,
+    randaugment_magnitude=magnitude,
+    mixup_alpha=mixup_p,
+  )
+  return resolved
+
+
 def mixup(batch: Record, key: tf.Tensor, alpha: float) -> Record:
-  """Mixes a batch with itself rolled by one, ratio drawn from Beta(a, a)."""
+  """Mixes a batch with itself rolled by one, as big_vision does.
+
+  The ratio a is drawn from Beta(alpha, alpha) and made at least 1/2, so
+  each example keeps the larger share: x' = a x + (1 - a) roll(x, 1).
+  """
   key_a, key_b = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   gamma_a = tf.random.stateless_gamma([], key_a, alpha=alpha)
   gamma_b = tf.random.stateless_gamma([], key_b, alpha=alpha)
   ratio = tf.math.divide_no_nan(gamma_a, gamma_a + gamma_b)
+  ratio = tf.maximum(ratio, 1.0 - ratio)
 
   def mix(x):
     return ratio * x + (1.0 - ratio) * tf.roll(x, shift=1, axis=0)
@@ -171,7 +223,7 @@ def train_fn(
 
   Args:
     pp: the `pp` config (train_crop, min_area, flip, randaugment_layers,
-      randaugment_magnitude).
+      randaugment_magnitude), AugReg settings resolved (`resolve_augreg`).
     image_size: output resolution.
     num_classes: number of classes.
     loss: 'softmax_xent' or 'sigmoid_xent' (see `labels`).

@@ -1,13 +1,25 @@
 """RandAugment (Cubuk et al., 2020) on uint8 images, with stateless randomness.
 
-Each layer applies one of 16 ops, drawn uniformly, at a fixed magnitude. The
-ops and their magnitude scale follow the TPU reference implementation that
-big_vision uses (magnitude 10 is the reference's maximum level; larger values
-extrapolate), with two changes so that every op grows stronger with the
-magnitude: Posterize keeps 8 - 4m/10 bits and Solarize inverts the pixels
-above 256 - 256m/10 (the reference posterizes to 0 bits and solarizes nothing
-at magnitude 0). Translation and cutout sizes are relative to the image
-(the reference's 100 and 40 pixels at 224), so small images behave alike.
+The reference is big_vision's `randaug` (`autoaugment.
+distort_image_with_randaugment`, the same as TF Model Garden's `augment.py`):
+each of N layers picks one of 16 ops uniformly and always applies it at the
+fixed magnitude M. Arguments grow linearly with M / 10 (10 is the reference's
+maximum level; larger values extrapolate): rotations up to 30 degrees,
+shears up to 0.3, translations up to 100 px and cutout squares of side 2 x 40
+px, whatever the image size, with grey (128) filling what moves in. The ops
+compute what the reference computes in TF, quirks included:
+
+  Posterize  keeps int(4M/10) bits; the shift 8 - bits is cast to uint8 and
+             TF clamps shifts to 7, so below 1 bit (M < 2.5) and above 8 bits
+             (M >= 22.5) one bit is kept;
+  Solarize   inverts the pixels >= int(256M/10), the threshold cast to uint8
+             (it wraps): M = 0, 10 and 20 invert every pixel, M = 15 from 128;
+  Contrast   blends towards a grey of (number of pixels) / 256, clipped to
+             255, not towards the mean grey;
+  blends     truncate towards zero instead of rounding.
+
+Randomness (the op of each layer, signs, cutout centres) comes from a
+stateless key, so an example's augmentation is a function of its key alone.
 """
 
 import functools
@@ -15,44 +27,45 @@ import math
 
 import tensorflow as tf
 
+_MAX_LEVEL = 10.0
 _FILL = 128
-_TRANSLATE = 100 / 224
-_CUTOUT = 40 / 224
+_TRANSLATE_CONST = 100
+_CUTOUT_CONST = 40
 
 
 def _split(key: tf.Tensor, num: int) -> list[tf.Tensor]:
   return tf.unstack(tf.random.experimental.stateless_split(key, num))
 
 
-def _sign(key: tf.Tensor) -> tf.Tensor:
+def _signed(value: float, key: tf.Tensor) -> tf.Tensor:
+  """`value` or `-value` with equal probability."""
   coin = tf.random.stateless_uniform([], key)
-  return tf.where(coin < 0.5, -1.0, 1.0)
+  return tf.where(coin < 0.5, -value, value)
 
 
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
-  """degenerate + factor * (image - degenerate), in uint8."""
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: float):
+  """degenerate + factor * (image - degenerate), truncated to uint8."""
+  if factor == 0.0:
+    return tf.cast(degenerate, tf.uint8)
+  if factor == 1.0:
+    return image
   degenerate = tf.cast(degenerate, tf.float32)
-  image = tf.cast(image, tf.float32)
-  return _to_uint8(degenerate + factor * (image - degenerate))
+  blended = degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
+  if not 0.0 < factor < 1.0:
+    blended = tf.clip_by_value(blended, 0.0, 255.0)
+  return tf.cast(blended, tf.uint8)
 
 
-def _grey(image: tf.Tensor) -> tf.Tensor:
-  """The luma of an RGB image, tiled to RGB (float32)."""
-  weights = tf.constant([0.2989, 0.5870, 0.1140])
-  luma = tf.round(tf.reduce_sum(tf.cast(image, tf.float32) * weights, -1))
-  return tf.tile(luma[..., None], [1, 1, 3])
-
-
-def _enhance_factor(level):
-  return level * 1.8 + 0.1
+def _enhance_factor(magnitude: float) -> float:
+  return magnitude / _MAX_LEVEL * 1.8 + 0.1
 
 
 def _transform(image: tf.Tensor, transform) -> tf.Tensor:
-  """Projective transform (output pixel -> input pixel), 128 outside."""
+  """Projective transform (output pixel -> input pixel), 128 outside.
+
+  With nearest-neighbour sampling, filling with 128 is what the reference's
+  wrap/unwrap (an extra channel marking the pixels from outside) gives.
+  """
   images = tf.raw_ops.ImageProjectiveTransformV3(
     images=image[None],
     transforms=tf.cast(tf.stack(transform)[None], tf.float32),
@@ -64,16 +77,17 @@ def _transform(image: tf.Tensor, transform) -> tf.Tensor:
   return images[0]
 
 
-def auto_contrast(image, level, key):
+def auto_contrast(image, magnitude, key):
   """Stretches each channel to the full 0..255 range."""
-  del level, key
-  image = tf.cast(image, tf.float32)
-  low = tf.reduce_min(image, axis=[0, 1])
-  high = tf.reduce_max(image, axis=[0, 1])
-  scale = tf.math.divide_no_nan(255.0, high - low)
-  stretched = tf.cast(tf.clip_by_value((image - low) * scale, 0, 255), tf.uint8)
-  # Channels with a single value stay as they are (as in PIL).
-  return tf.where(high > low, stretched, tf.cast(image, tf.uint8))
+  del magnitude, key
+  image_float = tf.cast(image, tf.float32)
+  low = tf.reduce_min(image_float, axis=[0, 1])
+  high = tf.reduce_max(image_float, axis=[0, 1])
+  scale = 255.0 / (high - low)
+  offset = -low * scale
+  stretched = tf.clip_by_value(image_float * scale + offset, 0.0, 255.0)
+  # Channels with a single value stay as they are.
+  return tf.where(high > low, tf.cast(stretched, tf.uint8), image)
 
 
 def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
@@ -88,21 +102,21 @@ def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
   return tf.where(step > 0, tf.gather(lut, channel), channel)
 
 
-def equalize(image, level, key):
+def equalize(image, magnitude, key):
   """Equalizes the histogram of each channel."""
-  del level, key
+  del magnitude, key
   channels = [_equalize_channel(image[..., c]) for c in range(3)]
   return tf.cast(tf.stack(channels, -1), tf.uint8)
 
 
-def invert(image, level, key):
-  del level, key
+def invert(image, magnitude, key):
+  del magnitude, key
   return 255 - image
 
 
-def rotate(image, level, key):
-  """Rotates by up to 30 degrees at magnitude 10, either way."""
-  angle = _sign(key) * level * 30.0 * math.pi / 180.0
+def rotate(image, magnitude, key):
+  """Rotates by 30M/10 degrees, either way, about the centre."""
+  angle = _signed(magnitude / _MAX_LEVEL * 30.0 * math.pi / 180.0, key)
   shape = tf.cast(tf.shape(image), tf.float32)
   h, w = shape[0] - 1, shape[1] - 1
   cos, sin = tf.cos(angle), tf.sin(angle)
@@ -111,45 +125,53 @@ def rotate(image, level, key):
   return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])
 
 
-def posterize(image, level, key):
-  """Keeps the 8 - 4m/10 high bits of each value (at least one)."""
+def posterize(image, magnitude, key):
+  """Keeps the int(4M/10) high bits of each value (see the module doc)."""
   del key
-  bits = tf.clip_by_value(8 - tf.floor(level * 4.0), 1.0, 8.0)
-  shift = tf.cast(8 - bits, tf.uint8)
+  bits = int(magnitude / _MAX_LEVEL * 4)
+  shift = min((8 - bits) % 256, 7)
   return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
-def solarize(image, level, key):
-  """Inverts the values at or above 256 - 256m/10."""
+def solarize(image, magnitude, key):
+  """Inverts the values >= int(256M/10) mod 256 (see the module doc)."""
   del key
-  threshold = tf.clip_by_value(256.0 - level * 256.0, 0.0, 256.0)
-  return tf.where(tf.cast(image, tf.float32) < threshold, image, 255 - image)
+  threshold = int(magnitude / _MAX_LEVEL * 256) % 256
+  return tf.where(image < threshold, image, 255 - image)
 
 
-def solarize_add(image, level, key):
-  """Adds 110m/10 to the values below 128."""
+def solarize_add(image, magnitude, key):
+  """Adds int(110M/10) to the values below 128, clipped to 255."""
   del key
-  added = _to_uint8(tf.cast(image, tf.float32) + tf.floor(level * 110.0))
-  return tf.where(image < 128, added, image)
+  addition = int(magnitude / _MAX_LEVEL * 110)
+  added = tf.clip_by_value(tf.cast(image, tf.int64) + addition, 0, 255)
+  return tf.where(image < 128, tf.cast(added, tf.uint8), image)
 
 
-def color(image, level, key):
+def color(image, magnitude, key):
   del key
-  return _blend(_grey(image), image, _enhance_factor(level))
+  grey = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+  return _blend(grey, image, _enhance_factor(magnitude))
 
 
-def contrast(image, level, key):
+def contrast(image, magnitude, key):
+  """Blends with a grey of (pixel count) / 256, as the reference does."""
   del key
-  mean = tf.reduce_mean(_grey(image))
-  return _blend(tf.fill(tf.shape(image), mean), image, _enhance_factor(level))
+  grey = tf.cast(tf.image.rgb_to_grayscale(image), tf.int32)
+  histogram = tf.histogram_fixed_width(grey, [0, 255], nbins=256)
+  mean = tf.reduce_sum(tf.cast(histogram, tf.float32)) / 256.0
+  mean = tf.cast(tf.clip_by_value(mean, 0.0, 255.0), tf.uint8)
+  return _blend(
+    tf.fill(tf.shape(image), mean), image, _enhance_factor(magnitude)
+  )
 
 
-def brightness(image, level, key):
+def brightness(image, magnitude, key):
   del key
-  return _blend(tf.zeros_like(image), image, _enhance_factor(level))
+  return _blend(tf.zeros_like(image), image, _enhance_factor(magnitude))
 
 
-def sharpness(image, level, key):
+def sharpness(image, magnitude, key):
   """Blends with PIL's smoothing filter; border pixels stay unchanged."""
   del key
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
@@ -157,57 +179,57 @@ def sharpness(image, level, key):
   smooth = tf.nn.depthwise_conv2d(
     tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1], 'VALID'
   )[0]
+  smooth = tf.cast(tf.clip_by_value(smooth, 0.0, 255.0), tf.uint8)
   padding = [[1, 1], [1, 1], [0, 0]]
-  smooth = tf.pad(tf.round(smooth), padding)
-  inside = tf.pad(tf.ones_like(smooth[1:-1, 1:-1], tf.bool), padding)
-  degenerate = tf.where(inside, smooth, tf.cast(image, tf.float32))
-  return _blend(degenerate, image, _enhance_factor(level))
+  inside = tf.pad(tf.ones_like(smooth, tf.bool), padding)
+  degenerate = tf.where(inside, tf.pad(smooth, padding), image)
+  return _blend(degenerate, image, _enhance_factor(magnitude))
 
 
-def shear_x(image, level, key):
-  shear = _sign(key) * level * 0.3
+def shear_x(image, magnitude, key):
+  shear = _signed(magnitude / _MAX_LEVEL * 0.3, key)
   return _transform(image, [1.0, shear, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
 
 
-def shear_y(image, level, key):
-  shear = _sign(key) * level * 0.3
+def shear_y(image, magnitude, key):
+  shear = _signed(magnitude / _MAX_LEVEL * 0.3, key)
   return _transform(image, [1.0, 0.0, 0.0, shear, 1.0, 0.0, 0.0, 0.0])
 
 
-def translate_x(image, level, key):
-  width = tf.cast(tf.shape(image)[1], tf.float32)
-  pixels = tf.round(_sign(key) * level * _TRANSLATE * width)
-  return _transform(image, [1.0, 0.0, -pixels, 0.0, 1.0, 0.0, 0.0, 0.0])
+def translate_x(image, magnitude, key):
+  """Moves the content by 100M/10 px, either way."""
+  pixels = _signed(magnitude / _MAX_LEVEL * _TRANSLATE_CONST, key)
+  return _transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0])
 
 
-def translate_y(image, level, key):
-  height = tf.cast(tf.shape(image)[0], tf.float32)
-  pixels = tf.round(_sign(key) * level * _TRANSLATE * height)
-  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -pixels, 0.0, 0.0])
+def translate_y(image, magnitude, key):
+  pixels = _signed(magnitude / _MAX_LEVEL * _TRANSLATE_CONST, key)
+  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0])
 
 
-def cutout(image, level, key):
-  """Fills a square of side 2 * 40m/10 px (at 224 px) around a random point."""
-  shape = tf.shape(image)
-  size = tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)
-  pad = tf.cast(level * _CUTOUT * size, tf.int32)
-  center = (
-    tf.random.stateless_uniform(
-      [2], key, minval=0, maxval=tf.int32.max, dtype=tf.int32
-    )
-    % shape[:2]
+def cutout(image, magnitude, key):
+  """Greys a square of side 2 int(40M/10) px around a uniform random pixel."""
+  pad = int(magnitude / _MAX_LEVEL * _CUTOUT_CONST)
+  height, width = tf.unstack(tf.shape(image)[:2])
+  row_key, col_key = _split(key, 2)
+  row = tf.random.stateless_uniform(
+    [], row_key, minval=0, maxval=height, dtype=tf.int32
   )
-  rows = tf.range(shape[0])[:, None]
-  cols = tf.range(shape[1])[None, :]
+  col = tf.random.stateless_uniform(
+    [], col_key, minval=0, maxval=width, dtype=tf.int32
+  )
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
   inside = (
-    (rows >= center[0] - pad)
-    & (rows < center[0] + pad)
-    & (cols >= center[1] - pad)
-    & (cols < center[1] + pad)
+    (rows >= row - pad)
+    & (rows < row + pad)
+    & (cols >= col - pad)
+    & (cols < col + pad)
   )
   return tf.where(inside[..., None], tf.constant(_FILL, tf.uint8), image)
 
 
+# In the reference's order.
 OPS = (
   auto_contrast,
   equalize,
@@ -228,6 +250,17 @@ OPS = (
 )
 
 
+def layer_choice(key: tf.Tensor, layer: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(index into OPS drawn uniformly, key of the op's own randomness)."""
+  op_key, arg_key = _split(
+    tf.random.experimental.stateless_fold_in(key, layer), 2
+  )
+  index = tf.random.stateless_uniform(
+    [], op_key, minval=0, maxval=len(OPS), dtype=tf.int32
+  )
+  return index, arg_key
+
+
 def randaugment(
   image: tf.Tensor, key: tf.Tensor, num_layers: int, magnitude: float
 ) -> tf.Tensor:
@@ -236,20 +269,15 @@ def randaugment(
   Args:
     image: uint8 (H, W, 3).
     key: int64 (2,) stateless random key.
-    num_layers: number of ops applied one after the other.
-    magnitude: strength of every op; 10 is the reference's maximum level.
+    num_layers: number of ops applied one after the other (N).
+    magnitude: strength of every op (M); 10 is the reference's maximum level.
 
   Returns:
     The augmented uint8 (H, W, 3) image.
   """
-  level = tf.constant(magnitude / 10.0, tf.float32)
+  magnitude = float(magnitude)
   for layer in range(num_layers):
-    op_key, arg_key = _split(
-      tf.random.experimental.stateless_fold_in(key, layer), 2
-    )
-    index = tf.random.stateless_uniform(
-      [], op_key, minval=0, maxval=len(OPS), dtype=tf.int32
-    )
-    branches = [functools.partial(op, image, level, arg_key) for op in OPS]
+    index, arg_key = layer_choice(key, layer)
+    branches = [functools.partial(op, image, magnitude, arg_key) for op in OPS]
     image = tf.ensure_shape(tf.switch_case(index, branches), image.shape)
   return image

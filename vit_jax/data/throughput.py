@@ -5,7 +5,7 @@ augmented training batches at 224x224 (inception crop, flip, optionally
 RandAugment) on one core and on all cores, and compares with the images/s a
 ViT-B/16 training step consumes on a CPU.
 
-  python -m vit_jax.data.benchmark [--images=256] [--seconds=10]
+  python -m vit_jax.data.throughput [--images=256] [--seconds=10]
 """
 
 import os
@@ -29,7 +29,7 @@ _STEP_RATE = flags.DEFINE_float(
 )
 
 
-def _write_jpegs(root: str, count: int):
+def write_jpegs(root: str, count: int):
   """ImageNet-like JPEGs: 500x375, smooth texture, about 100 kB each."""
   rng = np.random.default_rng(0)
   for i in range(count):
@@ -45,7 +45,10 @@ def _write_jpegs(root: str, count: int):
     )
 
 
-def _images_per_second(source, config, threads: int | None) -> float:
+def images_per_second(
+  source, config, *, threads: int | None, seconds: float
+) -> float:
+  """Training images/s of a source's pipeline, on `threads` (None: all)."""
   batches = pipeline.train_dataset(source, config)
   if threads:
     options = tf.data.Options()
@@ -56,7 +59,7 @@ def _images_per_second(source, config, threads: int | None) -> float:
   for _ in range(3):  # Warm up: tracing, thread pools, autotuning.
     next(iterator)
   count, start = 0, time.perf_counter()
-  while time.perf_counter() - start < _SECONDS.value:
+  while time.perf_counter() - start < seconds:
     count += int(next(iterator)['images'].shape[0])
   return count / (time.perf_counter() - start)
 
@@ -65,7 +68,7 @@ def main(argv):
   del argv
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as root:
-    _write_jpegs(root, _IMAGES.value)
+    write_jpegs(root, _IMAGES.value)
     source = sources.image_folder(root)
     config = dataset.default_config()
     config.batch_size = _BATCH.value
@@ -82,8 +85,10 @@ def main(argv):
     ):
       config.pp.randaugment_layers = randaugment_layers
       config.pp.randaugment_magnitude = 15
-      one = _images_per_second(source, config, threads=1)
-      every = _images_per_second(source, config, threads=None)
+      one = images_per_second(source, config, threads=1, seconds=_SECONDS.value)
+      every = images_per_second(
+        source, config, threads=None, seconds=_SECONDS.value
+      )
       print(f'{name:<44}{one:>8.1f}{every:>10.1f}')
       print(
         f'  one core feeds {one / _STEP_RATE.value:.0f}x the '
