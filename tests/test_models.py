@@ -18,7 +18,7 @@ from helpers import (
   randomize,
 )
 from vit_jax import checkpoints, models
-from vit_jax.models import encoder
+from vit_jax.models import encoder, registry
 
 # Published parameter counts (1000 classes, 224x224).
 PUBLISHED_COUNTS = {
@@ -221,6 +221,23 @@ def test_aliases_name_the_same_model(alias, name):
   assert models.model_spec(alias).name == name
   assert models.get_model(alias, 10) == models.get_model(name, 10)
   assert alias not in models.list_models()
+
+
+def test_every_alias_names_a_registered_model():
+  registered = set(models.list_models())
+  assert set(registry.ALIASES.values()) <= registered
+  assert not set(registry.ALIASES) & registered
+  # The AugReg rule covers every ViT and hybrid.
+  timm_prefixes = ('vit_', 'resnetv2_')
+  augreg = {
+    alias: name
+    for alias, name in registry.ALIASES.items()
+    if not alias.startswith(timm_prefixes)
+  }
+  families = {name: models.model_spec(name).family for name in registered}
+  assert set(augreg.values()) == {
+    name for name, family in families.items() if family in ('vit', 'hybrid')
+  }
 
 
 def test_unknown_alias_lists_close_matches():
