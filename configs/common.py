@@ -127,6 +127,15 @@ def base() -> ml_collections.ConfigDict:
   config.model.num_layers = config_dict.placeholder(int)
   config.model.mlp_dim = config_dict.placeholder(int)
   config.model.num_heads = config_dict.placeholder(int)
+  # Hybrids: units per ResNet stage (() for the root alone) and its width.
+  config.model.resnet_stages = config_dict.placeholder(tuple)
+  config.model.resnet_width = config_dict.placeholder(float)
+  # 'auto', 'xla', 'cudnn' or 'product' (see vit_jax/models/attention.py).
+  config.model.attention = config_dict.placeholder(str)
+  # Weights trained elsewhere: exact GELU (False: timm, Hugging Face) and
+  # big_vision's 'sincos2d' position embedding or classifier='map'.
+  config.model.gelu_approximate = config_dict.placeholder(bool)
+  config.model.posemb = config_dict.placeholder(str)
   # None: from the dataset.
   config.num_classes = config_dict.placeholder(int)
   config.num_train_examples = config_dict.placeholder(int)

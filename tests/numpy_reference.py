@@ -7,6 +7,7 @@ code with vit_jax, so agreement checks both the maths and the names.
 import math
 
 import numpy as np
+from scipy import special
 
 
 def layer_norm(x, scale, bias, eps=1e-6):
@@ -17,6 +18,26 @@ def layer_norm(x, scale, bias, eps=1e-6):
 
 def gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def gelu_exact(x):
+  return 0.5 * x * (1 + special.erf(x / math.sqrt(2)))
+
+
+def posemb_sincos_2d(rows, cols, width, temperature=10_000.0):
+  """(1, rows * cols, width): [sin(x w), cos(x w), sin(y w), cos(y w)] for
+  the token at row y, column x (row-major), w_k = T^(-k / (width/4 - 1))."""
+  quarter = width // 4
+  w = np.array([temperature ** (-k / (quarter - 1)) for k in range(quarter)])
+  rows_out = []
+  for y in range(rows):
+    for x in range(cols):
+      rows_out.append(
+        np.concatenate(
+          [np.sin(x * w), np.cos(x * w), np.sin(y * w), np.cos(y * w)]
+        )
+      )
+  return np.stack(rows_out)[None]
 
 
 def softmax(x):
@@ -83,57 +104,97 @@ def standardize_var(w, eps=1e-8):
 # ----------------------------------------------------------------------------
 
 
-def encoder(p, x, num_layers):
+def attention(p, a, x_q, x_kv):
+  """Multi-head attention with the kernels under prefix `a`."""
+
+  def project(name, x):
+    kernel, bias = p[a + name + '/kernel'], p[a + name + '/bias']
+    return np.einsum('btd,dhk->bthk', x, kernel) + bias
+
+  q, k, v = project('query', x_q), project('key', x_kv), project('value', x_kv)
+  weights = softmax(np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1]))
+  heads = np.einsum('bhqs,bshk->bqhk', weights, v)
+  return (
+    np.einsum('bqhk,hkd->bqd', heads, p[a + 'out/kernel']) + p[a + 'out/bias']
+  )
+
+
+def mlp(p, m, x, gelu):
+  y = gelu(x @ p[m + 'Dense_0/kernel'] + p[m + 'Dense_0/bias'])
+  return y @ p[m + 'Dense_1/kernel'] + p[m + 'Dense_1/bias']
+
+
+def encoder(p, x, num_layers, gelu=gelu_tanh, learned_posemb=True):
   """Equations (2)-(4) before pooling: blocks and the final LayerNorm."""
-  x = x + p['Transformer/posembed_input/pos_embedding']
+  if learned_posemb:
+    x = x + p['Transformer/posembed_input/pos_embedding']
   for i in range(num_layers):
     b = f'Transformer/encoderblock_{i}/'
     y = layer_norm(x, p[b + 'LayerNorm_0/scale'], p[b + 'LayerNorm_0/bias'])
-    a = b + 'MultiHeadDotProductAttention_1/'
-    q = (
-      np.einsum('btd,dhk->bthk', y, p[a + 'query/kernel']) + p[a + 'query/bias']
-    )
-    k = np.einsum('btd,dhk->bthk', y, p[a + 'key/kernel']) + p[a + 'key/bias']
-    v = (
-      np.einsum('btd,dhk->bthk', y, p[a + 'value/kernel']) + p[a + 'value/bias']
-    )
-    weights = softmax(np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1]))
-    heads = np.einsum('bhqs,bshk->bqhk', weights, v)
-    y = (
-      np.einsum('bqhk,hkd->bqd', heads, p[a + 'out/kernel']) + p[a + 'out/bias']
-    )
-    x = x + y
+    x = x + attention(p, b + 'MultiHeadDotProductAttention_1/', y, y)
     y = layer_norm(x, p[b + 'LayerNorm_2/scale'], p[b + 'LayerNorm_2/bias'])
-    m = b + 'MlpBlock_3/'
-    y = gelu_tanh(y @ p[m + 'Dense_0/kernel'] + p[m + 'Dense_0/bias'])
-    x = x + y @ p[m + 'Dense_1/kernel'] + p[m + 'Dense_1/bias']
+    x = x + mlp(p, b + 'MlpBlock_3/', y, gelu)
   return layer_norm(
     x, p['Transformer/encoder_norm/scale'], p['Transformer/encoder_norm/bias']
   )
 
 
-def vit_head(p, tokens, num_layers, classifier):
-  """Class token, encoder, pooling, representation layer and head."""
+def map_head(p, x, gelu):
+  """big_vision's MAPHead: a probe attends to the tokens, then x + MLP(LN(x))
+  at the probe."""
+  h = 'MAPHead_0/'
+  probe = np.broadcast_to(p[h + 'probe'], (x.shape[0], 1, x.shape[-1]))
+  x = attention(p, h + 'MultiHeadDotProductAttention_0/', probe, x)
+  y = layer_norm(x, p[h + 'LayerNorm_0/scale'], p[h + 'LayerNorm_0/bias'])
+  return (x + mlp(p, h + 'MlpBlock_0/', y, gelu))[:, 0]
+
+
+def vit_head(
+  p, tokens, num_layers, classifier, gelu=gelu_tanh, sincos_grid=None
+):
+  """Position embedding, class token, encoder, pooling, pre-logits, head.
+
+  With `sincos_grid` (rows, columns) the fixed sin-cos embedding is added to
+  the patch tokens, before the class token is prepended; otherwise the
+  learned one is added after.
+  """
+  if sincos_grid is not None:
+    tokens = tokens + posemb_sincos_2d(*sincos_grid, tokens.shape[-1])
   if classifier == 'token':
     cls = np.broadcast_to(p['cls'], (tokens.shape[0], 1, tokens.shape[-1]))
     tokens = np.concatenate([cls, tokens], axis=1)
-  x = encoder(p, tokens, num_layers)
-  x = x[:, 0] if classifier == 'token' else x.mean(1)
+  x = encoder(p, tokens, num_layers, gelu, sincos_grid is None)
+  if classifier == 'token':
+    x = x[:, 0]
+  elif classifier == 'map':
+    x = map_head(p, x, gelu)
+  else:
+    x = x.mean(1)
   if 'pre_logits/kernel' in p:
     x = np.tanh(x @ p['pre_logits/kernel'] + p['pre_logits/bias'])
   return x @ p['head/kernel'] + p['head/bias']
 
 
-def vit(p, images, patch, num_layers, classifier='token'):
-  """The paper's ViT on images (B, H, W, 3)."""
+def vit(
+  p,
+  images,
+  patch,
+  num_layers,
+  classifier='token',
+  gelu_approximate=True,
+  posemb='learn',
+):
+  """The paper's ViT on images (B, H, W, 3), with big_vision's options."""
   x = conv2d(images, p['embedding/kernel'], patch, ((0, 0), (0, 0)))
   x = x + p['embedding/bias']
+  grid = x.shape[1:3] if posemb == 'sincos2d' else None
   tokens = x.reshape(x.shape[0], -1, x.shape[-1])
-  return vit_head(p, tokens, num_layers, classifier)
+  gelu = gelu_tanh if gelu_approximate else gelu_exact
+  return vit_head(p, tokens, num_layers, classifier, gelu, grid)
 
 
-def hybrid(p, images, stages, num_layers):
-  """R50+ViT: post-activation ResNet with 'SAME' padding, then ViT."""
+def hybrid(p, images, stages, num_layers, patch=1):
+  """ResNet+ViT: post-activation ResNet with 'SAME' padding, then ViT."""
 
   def conv(x, w, stride):
     pad = tuple(same_padding(size, w.shape[0], stride) for size in x.shape[1:3])
@@ -158,7 +219,8 @@ def hybrid(p, images, stages, num_layers):
       y = gn(conv(y, p[n + 'conv3/kernel'], 1), n + 'gn3')
       x = np.maximum(residual + y, 0)
   x = (
-    conv2d(x, p['embedding/kernel'], 1, ((0, 0), (0, 0))) + p['embedding/bias']
+    conv2d(x, p['embedding/kernel'], patch, ((0, 0), (0, 0)))
+    + p['embedding/bias']
   )
   tokens = x.reshape(x.shape[0], -1, x.shape[-1])
   return vit_head(p, tokens, num_layers, 'token')

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
+from configs import common as common_config
 from helpers import (
   TINY_VIT,
   abstract_params,
@@ -17,6 +18,7 @@ from helpers import (
   randomize,
 )
 from vit_jax import checkpoints, models
+from vit_jax.models import encoder, registry
 
 # Published parameter counts (1000 classes, 224x224).
 PUBLISHED_COUNTS = {
@@ -94,18 +96,20 @@ def resnet_stages_count(stages, width, post_activation):
 
 def hybrid_count(spec, classes, image_size):
   k = spec.kwargs
-  d = k['hidden_size']
+  d, p = k['hidden_size'], k['patch_size']
   stages = k['resnet_stages']
-  root = 7 * 7 * 3 * 64 + 2 * 64
-  body, cout = resnet_stages_count(stages, 64, post_activation=True)
-  grid = image_size // (4 * 2 ** (len(stages) - 1))
+  width = int(64 * k['resnet_width'])
+  root = 7 * 7 * 3 * width + 2 * width  # conv_root (no bias), gn_root
+  body, cout = resnet_stages_count(stages, width, post_activation=True)
+  # Root stride 4, then 2 per stage after the first, then the patches.
+  grid = image_size // (4 * 2 ** max(len(stages) - 1, 0) * p)
   n = grid * grid
   return (
     root
     + body
-    + cout * d
-    + d
-    + d
+    + p * p * cout * d  # embedding kernel
+    + d  # embedding bias
+    + d  # class token
     + vit_encoder_count(d, k['mlp_dim'], k['num_layers'], n + 1)
     + d * classes
     + classes
@@ -174,7 +178,8 @@ def test_registry_lists_every_table_row():
   expected = {
     'ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_32', 'ViT-B_16', 'ViT-B_8',
     'ViT-L_32', 'ViT-L_16', 'ViT-H_14', 'R50+ViT-B_32', 'R50+ViT-B_16',
-    'R50+ViT-L_32', 'R50+ViT-L_16', 'BiT-R50x1', 'BiT-R50x2', 'BiT-R101x1',
+    'R50+ViT-L_32', 'R50+ViT-L_16', 'R26+ViT-S_32', 'R26+ViT-B_32',
+    'R+ViT-Ti_16', 'BiT-R50x1', 'BiT-R50x2', 'BiT-R101x1',
     'BiT-R152x1', 'BiT-R152x2', 'BiT-R200x3', 'ViTc-S_16', 'ViTc-B_16',
   }  # fmt: skip
   assert expected <= set(models.list_models())
@@ -184,6 +189,63 @@ def test_unknown_name_lists_close_matches():
   with pytest.raises(KeyError, match='ViT-B_16') as e:
     models.get_model('ViT-B16')
   assert 'list_models()' in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'alias, name',
+  [
+    ('B_16', 'ViT-B_16'),
+    ('Ti_16', 'ViT-Ti_16'),
+    ('S_32', 'ViT-S_32'),
+    ('B_8', 'ViT-B_8'),
+    ('R26_S_32', 'R26+ViT-S_32'),
+    ('R_Ti_16', 'R+ViT-Ti_16'),
+    ('R50_L_32', 'R50+ViT-L_32'),
+    ('vit_base_patch16_224', 'ViT-B_16'),
+    ('vit_large_patch16_384', 'ViT-L_16'),
+    ('vit_tiny_patch16_224', 'ViT-Ti_16'),
+    ('vit_small_patch32_224', 'ViT-S_32'),
+    ('vit_huge_patch14_224', 'ViT-H_14'),
+    ('vit_base_r50_s16_384', 'R50+ViT-B_16'),
+    ('vit_large_r50_s32_224', 'R50+ViT-L_32'),
+    ('vit_small_r26_s32_224', 'R26+ViT-S_32'),
+    ('vit_base_r26_s32_224', 'R26+ViT-B_32'),
+    ('vit_tiny_r_s16_p8_224', 'R+ViT-Ti_16'),
+    ('resnetv2_50x1_bit', 'BiT-R50x1'),
+    ('resnetv2_152x2_bit', 'BiT-R152x2'),
+    ('vit_base_patch16_224.augreg_in21k_ft_in1k', 'ViT-B_16'),
+  ],
+)
+def test_aliases_name_the_same_model(alias, name):
+  assert models.model_spec(alias) == models.model_spec(name)
+  assert models.model_spec(alias).name == name
+  assert models.get_model(alias, 10) == models.get_model(name, 10)
+  assert alias not in models.list_models()
+
+
+def test_every_alias_names_a_registered_model():
+  registered = set(models.list_models())
+  assert set(registry.ALIASES.values()) <= registered
+  assert not set(registry.ALIASES) & registered
+  # The AugReg rule covers every ViT and hybrid.
+  timm_prefixes = ('vit_', 'resnetv2_')
+  augreg = {
+    alias: name
+    for alias, name in registry.ALIASES.items()
+    if not alias.startswith(timm_prefixes)
+  }
+  families = {name: models.model_spec(name).family for name in registered}
+  assert set(augreg.values()) == {
+    name for name, family in families.items() if family in ('vit', 'hybrid')
+  }
+
+
+def test_unknown_alias_lists_close_matches():
+  with pytest.raises(KeyError, match='vit_base_patch16_224') as e:
+    models.get_model('vit_base_patch16_244')
+  assert 'ALIASES' in str(e.value)
+  with pytest.raises(KeyError, match='Unknown model'):
+    models.get_model('vit_base_patch16_244.augreg_in21k')
 
 
 def test_unknown_override_is_an_error():
@@ -462,3 +524,203 @@ def test_vitc_batch_norm_statistics_over_the_global_batch():
     jax.tree.leaves(stats), jax.tree.leaves(ref_stats), strict=True
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The AugReg hybrids.
+
+
+def r26_body_count():
+  """ResNet-26 body of post-activation units: (2, 2, 2, 2), width 64.
+
+  A unit of input width c and width f has convs c*f (1x1) + 9f^2 (3x3) +
+  4f^2 (1x1 to 4f), GroupNorms 2f + 2f + 8f, and, in each stage's first
+  unit, a 1x1 projection c*4f with its GroupNorm 8f.
+  """
+
+  def unit(c, f, projection):
+    convs = c * f + 9 * f * f + f * 4 * f
+    norms = 2 * f + 2 * f + 2 * 4 * f
+    return convs + norms + (c * 4 * f + 2 * 4 * f if projection else 0)
+
+  return (
+    unit(64, 64, True) + unit(256, 64, False)
+    + unit(256, 128, True) + unit(512, 128, False)
+    + unit(512, 256, True) + unit(1024, 256, False)
+    + unit(1024, 512, True) + unit(2048, 512, False)
+  )  # fmt: skip
+
+
+def augreg_hybrid_count(d, m, layers, body, channels, patch):
+  """Root + body + patch embedding + ViT-{size} on 7x7 + 1 tokens + head."""
+  root = 7 * 7 * 3 * 64 + 2 * 64  # conv_root (no bias), gn_root
+  embedding = patch * patch * channels * d + d
+  tokens = 7 * 7 + 1  # 224 / 32 = 7 patches a side, and the class token
+  block = (
+    2 * 2 * d  # LayerNorm_0, LayerNorm_2
+    + 3 * (d * d + d)  # query, key, value
+    + d * d + d  # out
+    + d * m + m + m * d + d  # MlpBlock_3
+  )  # fmt: skip
+  encoder = tokens * d + layers * block + 2 * d  # posemb, blocks, final LN
+  return root + body + embedding + d + encoder + d * 1000 + 1000
+
+
+@pytest.mark.parametrize(
+  'name, expected',
+  [
+    ('R26+ViT-S_32', lambda: augreg_hybrid_count(
+      384, 1536, 12, r26_body_count(), 2048, 1)),
+    ('R26+ViT-B_32', lambda: augreg_hybrid_count(
+      768, 3072, 12, r26_body_count(), 2048, 1)),
+    ('R+ViT-Ti_16', lambda: augreg_hybrid_count(192, 768, 12, 0, 64, 8)),
+  ],
+)  # fmt: skip
+def test_augreg_hybrids_tokens_and_parameter_counts(name, expected):
+  params = abstract_params(models.get_model(name, 1000), 224)
+  assert count(params) == expected()
+  width = models.model_spec(name).kwargs['hidden_size']
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  assert posemb.shape == (1, 50, width)
+  assert ('block1' in params) == (name != 'R+ViT-Ti_16')
+
+
+def test_root_only_hybrid_matches_numpy_reference():
+  model = models.get_model(
+    'R+ViT-Ti_16', 4, patch_size=2, resnet_width=0.5, **TINY_VIT
+  )
+  images = random_images((2, 30, 30, 3))  # 'SAME' padding of odd sizes
+  params = randomize(init_params(model, images), scale=0.05)
+  assert params['conv_root']['kernel'].shape == (7, 7, 3, 32)
+  out = jax.jit(model.apply)({'params': params}, images)
+  expected = ref.hybrid(
+    published_float64(params), np.asarray(images, np.float64), (), 2, patch=2
+  )
+  np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# Options for weights trained elsewhere: exact GELU, MAP head, sin-cos
+# position embedding. Each against the float64 numpy reference.
+
+
+def reference_check(image_shape=(2, 16, 16, 3), **options):
+  """Max |model - numpy reference| of a tiny float32 ViT with `options`."""
+  model = models.get_model(
+    'ViT-B_16', 6, patch_size=4, representation_size=24,
+    **{**TINY_VIT, **options},
+  )  # fmt: skip
+  images = random_images(image_shape)
+  params = randomize(init_params(model, images))
+  out = jax.jit(model.apply)({'params': params}, images)
+  expected = ref.vit(
+    published_float64(params), np.asarray(images, np.float64), 4, 2,
+    classifier=options.get('classifier', 'token'),
+    gelu_approximate=options.get('gelu_approximate', True),
+    posemb=options.get('posemb', 'learn'),
+  )  # fmt: skip
+  return float(np.max(np.abs(np.asarray(out, np.float64) - expected))), params
+
+
+@pytest.mark.parametrize(
+  'options',
+  [
+    dict(gelu_approximate=False),
+    dict(classifier='map'),
+    dict(posemb='sincos2d'),
+    dict(posemb='sincos2d', classifier='gap'),
+    dict(posemb='sincos2d', classifier='map', gelu_approximate=False),
+  ],
+  ids=lambda o: ','.join(f'{k}={v}' for k, v in o.items()),
+)
+def test_weight_compatibility_options_match_numpy_reference(options):
+  # A 16x24 image: a 4x6 patch grid tells rows from columns.
+  diff, _ = reference_check((2, 16, 24, 3), **options)
+  assert diff <= 1e-4, diff
+
+
+def test_exact_and_tanh_gelu_differ_beyond_the_tolerance():
+  # Otherwise the GELU test above could not tell them apart.
+  x = np.linspace(-4, 4, 101)
+  assert np.max(np.abs(ref.gelu_exact(x) - ref.gelu_tanh(x))) > 1e-4
+  images = np.asarray(random_images((2, 16, 16, 3)), np.float64)
+  _, params = reference_check(gelu_approximate=False)
+  exact, tanh = (
+    ref.vit(published_float64(params), images, 4, 2, gelu_approximate=approx)
+    for approx in (False, True)
+  )
+  # 3.8e-4: over twice the tolerance (the model's error is about 1e-6).
+  assert np.max(np.abs(exact - tanh)) > 2e-4
+
+
+def test_map_head_parameters_are_big_visions():
+  model = models.get_model(
+    'ViT-B_16', 5, classifier='map', patch_size=4, **TINY_VIT
+  )
+  params = abstract_params(model, 16)
+  assert 'cls' not in params
+  head = jax.tree.map(lambda x: x.shape, params['MAPHead_0'])
+  assert head == {
+    'probe': (1, 1, 32),
+    'MultiHeadDotProductAttention_0': {
+      'query': {'kernel': (32, 4, 8), 'bias': (4, 8)},
+      'key': {'kernel': (32, 4, 8), 'bias': (4, 8)},
+      'value': {'kernel': (32, 4, 8), 'bias': (4, 8)},
+      'out': {'kernel': (4, 8, 32), 'bias': (32,)},
+    },
+    'LayerNorm_0': {'scale': (32,), 'bias': (32,)},
+    'MlpBlock_0': {
+      'Dense_0': {'kernel': (32, 64), 'bias': (64,)},
+      'Dense_1': {'kernel': (64, 32), 'bias': (32,)},
+    },
+  }
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  assert posemb.shape == (1, 16, 32)  # no class token
+
+
+def test_sincos_posemb_values_and_no_parameter():
+  got = encoder.posemb_sincos_2d(3, 5, 16)
+  np.testing.assert_allclose(got, ref.posemb_sincos_2d(3, 5, 16), atol=1e-6)
+  # Token 6 is row 1, column 1; token 1 row 0, column 1. Frequency 0 is 1.
+  np.testing.assert_allclose(got[0, 1, [0, 4, 8, 12]], [np.sin(1), np.cos(1),
+                             0, 1], atol=1e-6)  # fmt: skip
+  np.testing.assert_allclose(got[0, 5, [0, 4, 8, 12]], [0, 1, np.sin(1),
+                             np.cos(1)], atol=1e-6)  # fmt: skip
+  model = models.get_model(
+    'ViT-B_16', 5, posemb='sincos2d', patch_size=4, **TINY_VIT
+  )
+  params = abstract_params(model, 16)
+  assert 'posembed_input' not in params['Transformer']
+  assert params['cls'].shape == (1, 1, 32)
+
+
+def test_bad_posemb_errors():
+  model = models.get_model('ViT-B_16', 5, posemb='sincos', **TINY_VIT)
+  with pytest.raises(ValueError, match="Unknown posemb 'sincos'"):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  model = models.get_model(
+    'ViT-B_16', 5, posemb='sincos2d', hidden_size=30, num_heads=3,
+    mlp_dim=8, num_layers=1,
+  )  # fmt: skip
+  with pytest.raises(ValueError, match='divisible by 4'):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_model_options_from_config():
+  config = common_config.base()
+  config.model.attention = 'xla'
+  config.model.gelu_approximate = False
+  config.model.posemb = 'sincos2d'
+  config.model.classifier = 'map'
+  config.model.resnet_stages = (1, 1)
+  config.model.resnet_width = 0.5
+  model = models.get_model(
+    'R+ViT-Ti_16', 3, **models.config_overrides(config.model)
+  )
+  assert (model.attention, model.gelu_approximate, model.posemb) == (
+    'xla', False, 'sincos2d'
+  )  # fmt: skip
+  assert tuple(model.resnet_stages) == (1, 1) and model.resnet_width == 0.5
+  params = abstract_params(model, 64)
+  assert params['block2']['unit1']['conv1']['kernel'].shape == (1, 1, 128, 64)
+  assert 'MAPHead_0' in params

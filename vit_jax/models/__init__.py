@@ -1,6 +1,7 @@
-"""Model zoo: ViT, R50+ViT hybrids, BiT ResNets and conv-stem ViTc."""
+"""Model zoo: ViT, ResNet+ViT hybrids, BiT ResNets and conv-stem ViTc."""
 
 from vit_jax.models.registry import (
+  canonical_name,
   config_overrides,
   get_model,
   list_models,
@@ -12,6 +13,7 @@ from vit_jax.models.vit import VisionTransformer
 __all__ = [
   'BiTResNet',
   'VisionTransformer',
+  'canonical_name',
   'config_overrides',
   'get_model',
   'list_models',

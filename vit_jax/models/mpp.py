@@ -140,7 +140,8 @@ class MaskedPatchPredictor(vit.VisionTransformer):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     self._check()
-    tokens = self._tokens(images, train)
+    implementation = self._attention()
+    tokens, grid = self._tokens(images, train)
     batch, num_patches, width = tokens.shape
     # The pixels behind one token; also right for the hybrids' and ViTc's
     # stems, whose tokens tile the image just the same.
@@ -160,7 +161,9 @@ class MaskedPatchPredictor(vit.VisionTransformer):
       ),
       (1, 1, width),
     )
-    x = self._encode(corrupt(tokens, mask_token, corruption), train)
+    x = self._encode(
+      corrupt(tokens, mask_token, corruption), grid, train, implementation
+    )
     # Drops the class token: one output per patch.
     x = x[:, x.shape[1] - num_patches :]
     predictions = nn.Dense(

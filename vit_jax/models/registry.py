@@ -1,9 +1,12 @@
 """The model zoo: names -> architecture hyperparameters.
 
 Every row of the paper's results table is here, plus the later ViT sizes
-(Ti, S, B/8) and the conv-stem ViTc models. `get_model` builds the Flax
-module; `model_spec` returns the hyperparameters (for FLOP counts, configs and
-checkpoint checks).
+(Ti, S, B/8), the AugReg hybrids (R26+ViT, R+ViT-Ti) and the conv-stem ViTc
+models. `get_model` builds the Flax module; `model_spec` returns the
+hyperparameters (for FLOP counts, configs and checkpoint checks). Besides
+its own names, `model_spec` accepts the AugReg file prefixes ('B_16',
+'R26_S_32') and timm's model names ('vit_base_patch16_224', optionally with
+a '.tag'); see `ALIASES`.
 """
 
 import dataclasses
@@ -21,6 +24,22 @@ VIT_SIZES = {
   'B': dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12),
   'L': dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24),
   'H': dict(hidden_size=1280, mlp_dim=5120, num_heads=16, num_layers=32),
+}
+
+# The ResNet+ViT hybrids: (ViT size, name's stride, ResNet stages, patch
+# size). The ResNet's root has stride 4 and each stage after the first 2, so
+# the patch grid is image / (4 * 2**(stages - 1) * patch): /16 for (3, 4, 9),
+# /32 for four stages, and /32 for the root alone with 8x8 patches. The
+# AugReg R+ViT-Ti_16 config calls that model "/16", but its root is stride 4
+# (7x7 tokens at 224, as its checkpoints' position embeddings have).
+HYBRIDS = {
+  'R50+ViT-B_32': ('B', (3, 4, 6, 3), 1),
+  'R50+ViT-B_16': ('B', (3, 4, 9), 1),
+  'R50+ViT-L_32': ('L', (3, 4, 6, 3), 1),
+  'R50+ViT-L_16': ('L', (3, 4, 9), 1),
+  'R26+ViT-S_32': ('S', (2, 2, 2, 2), 1),
+  'R26+ViT-B_32': ('B', (2, 2, 2, 2), 1),
+  'R+ViT-Ti_16': ('Ti', (), 8),
 }
 
 # Dropout of the released model configs (used by fine-tuning); the
@@ -102,17 +121,11 @@ def _build_registry() -> dict[str, ModelSpec]:
       dropout_rate=_RELEASED_DROPOUT.get(name, 0.0),
       **VIT_SIZES[size],
     )
-  for size, stride, stages in [
-    ('B', 32, (3, 4, 6, 3)),
-    ('B', 16, (3, 4, 9)),
-    ('L', 32, (3, 4, 6, 3)),
-    ('L', 16, (3, 4, 9)),
-  ]:
-    name = f'R50+ViT-{size}_{stride}'
+  for name, (size, stages, patch) in HYBRIDS.items():
     add(
       name,
       'hybrid',
-      patch_size=1,
+      patch_size=patch,
       resnet_stages=stages,
       resnet_width=1.0,
       dropout_rate=_RELEASED_DROPOUT.get(name, 0.0),
@@ -139,23 +152,79 @@ def _build_registry() -> dict[str, ModelSpec]:
 
 _REGISTRY = _build_registry()
 
+# timm's names of the registered models (the resolution in a timm name is
+# that of its weights, not an attribute of the model).
+_TIMM_NAMES = {
+  'ViT-Ti_16': ('vit_tiny_patch16_224', 'vit_tiny_patch16_384'),
+  'ViT-S_16': ('vit_small_patch16_224', 'vit_small_patch16_384'),
+  'ViT-S_32': ('vit_small_patch32_224', 'vit_small_patch32_384'),
+  'ViT-B_32': ('vit_base_patch32_224', 'vit_base_patch32_384'),
+  'ViT-B_16': ('vit_base_patch16_224', 'vit_base_patch16_384'),
+  'ViT-B_8': ('vit_base_patch8_224',),
+  'ViT-L_32': ('vit_large_patch32_224', 'vit_large_patch32_384'),
+  'ViT-L_16': ('vit_large_patch16_224', 'vit_large_patch16_384'),
+  'ViT-H_14': ('vit_huge_patch14_224',),
+  'R+ViT-Ti_16': ('vit_tiny_r_s16_p8_224', 'vit_tiny_r_s16_p8_384'),
+  'R26+ViT-S_32': ('vit_small_r26_s32_224', 'vit_small_r26_s32_384'),
+  'R26+ViT-B_32': ('vit_base_r26_s32_224',),
+  'R50+ViT-B_16': ('vit_base_r50_s16_224', 'vit_base_r50_s16_384'),
+  'R50+ViT-L_32': ('vit_large_r50_s32_224', 'vit_large_r50_s32_384'),
+  'BiT-R50x1': ('resnetv2_50x1_bit',),
+  'BiT-R101x1': ('resnetv2_101x1_bit',),
+  'BiT-R152x2': ('resnetv2_152x2_bit',),
+}
+
+
+def _build_aliases() -> dict[str, str]:
+  """Other names -> registry names: AugReg file prefixes and timm names.
+
+  An AugReg prefix is the ViT or hybrid's name without 'ViT-' and with '+'
+  turned into '_' (the rule of the AugReg release's `AUGREG_CONFIGS`).
+  """
+  aliases = {}
+  for name, spec in _REGISTRY.items():
+    if spec.family in ('vit', 'hybrid'):
+      aliases[name.replace('ViT-', '').replace('+', '_')] = name
+  for name, timm_names in _TIMM_NAMES.items():
+    aliases.update(dict.fromkeys(timm_names, name))
+  return aliases
+
+
+ALIASES = _build_aliases()
+
 
 def list_models() -> list[str]:
-  """Names of every registered model."""
+  """Names of every registered model (aliases left out)."""
   return list(_REGISTRY)
 
 
+def canonical_name(name: str) -> str:
+  """The registry name of a registry name or alias.
+
+  A timm name may carry its weights' tag ('vit_base_patch16_224.augreg_in21k');
+  the tag is dropped. Unknown names raise a KeyError that lists the close
+  matches.
+  """
+  if name in _REGISTRY:
+    return name
+  if name in ALIASES:
+    return ALIASES[name]
+  timm_name, dot, _ = name.partition('.')
+  if dot and timm_name in ALIASES:
+    return ALIASES[timm_name]
+  known = [*_REGISTRY, *ALIASES]
+  close = difflib.get_close_matches(name, known, n=5, cutoff=0.4)
+  hint = f' Did you mean {", ".join(close)}?' if close else ''
+  raise KeyError(
+    f'Unknown model {name!r}.{hint} list_models() gives all '
+    f'{len(_REGISTRY)} names; registry.ALIASES the other {len(ALIASES)} '
+    'accepted (AugReg and timm names).'
+  )
+
+
 def model_spec(name: str) -> ModelSpec:
-  """The registered spec of `name`; unknown names list the close matches."""
-  try:
-    return _REGISTRY[name]
-  except KeyError:
-    close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.4)
-    hint = f' Did you mean {", ".join(close)}?' if close else ''
-    raise KeyError(
-      f'Unknown model {name!r}.{hint} list_models() gives all '
-      f'{len(_REGISTRY)} names.'
-    ) from None
+  """The registered spec of a name or alias (its `name` is the registry's)."""
+  return _REGISTRY[canonical_name(name)]
 
 
 def config_overrides(model_config) -> dict[str, Any]:
@@ -173,7 +242,8 @@ def get_model(name: str, num_classes: int | None = 1000, **overrides):
   """Builds the Flax module of a registered model.
 
   Args:
-    name: a name from `list_models()`, e.g. 'ViT-B_16' or 'BiT-R50x1'.
+    name: a name from `list_models()`, e.g. 'ViT-B_16' or 'BiT-R50x1', or
+      an alias ('B_16', 'vit_base_patch16_224'; see `ALIASES`).
     num_classes: size of the head; None or 0 for a feature extractor.
     **overrides: module attributes to change (e.g. `dtype='bfloat16'`,
       `scan=True`, `hidden_size=32` for a tiny test model).
