@@ -66,9 +66,7 @@ def set_open_mpi(monkeypatch, size):
   monkeypatch.setenv('OMPI_COMM_WORLD_LOCAL_RANK', '0')
 
 
-def test_slurm_with_two_tasks_lets_jax_read_the_environment(
-  calls, monkeypatch
-):
+def test_slurm_with_two_tasks_lets_jax_read_the_environment(calls, monkeypatch):
   set_slurm(monkeypatch, ntasks=2)
   # JAX's own Slurm detection sees the same job, so initialize() with no
   # arguments finds it.
@@ -85,9 +83,7 @@ def test_single_task_slurm_stays_one_process(calls, monkeypatch):
   assert calls == {'initialize': [], 'config': []}
 
 
-def test_slurm_batch_script_outside_srun_stays_one_process(
-  calls, monkeypatch
-):
+def test_slurm_batch_script_outside_srun_stays_one_process(calls, monkeypatch):
   # sbatch --ntasks=4 runs its script once; only srun starts the 4 tasks.
   set_slurm(monkeypatch, ntasks=4)
   monkeypatch.delenv('SLURM_STEP_NODELIST')
@@ -171,9 +167,7 @@ def test_collective_timeout_is_added_unless_set(monkeypatch):
 def test_the_test_environment_has_a_long_collective_timeout():
   # conftest.py sets it for this process, the pytest-xdist workers and the
   # main.py runs the tests start (they inherit os.environ).
-  flags = dict(
-    flag.split('=', 1) for flag in os.environ['XLA_FLAGS'].split()
-  )
+  flags = dict(flag.split('=', 1) for flag in os.environ['XLA_FLAGS'].split())
   assert int(flags[distributed.CPU_COLLECTIVE_TIMEOUT_FLAG]) >= 600
 
 
