@@ -100,6 +100,20 @@ def test_open_mpi_lets_jax_read_the_environment(calls, monkeypatch):
   assert calls['initialize'] == [((), {})]
 
 
+def test_open_mpi_comes_before_slurm_as_in_jax(calls, monkeypatch):
+  # mpirun inside a Slurm job step: jax's detection takes Open MPI first.
+  set_slurm(monkeypatch, ntasks=2)
+  set_open_mpi(monkeypatch, size=4)
+  detected = next(
+    cluster
+    for cluster in clusters.ClusterEnv._cluster_types
+    if not cluster.opt_in_only_method and cluster.is_env_present()
+  )
+  assert detected is clusters.OmpiCluster
+  assert distributed.initialize() == 'Open MPI'
+  assert calls['initialize'] == [((), {})]
+
+
 def test_open_mpi_without_its_coordinator_uri_asks_for_flags(
   calls, monkeypatch
 ):
@@ -167,7 +181,9 @@ def test_collective_timeout_is_added_unless_set(monkeypatch):
 def test_the_test_environment_has_a_long_collective_timeout():
   # conftest.py sets it for this process, the pytest-xdist workers and the
   # main.py runs the tests start (they inherit os.environ).
-  flags = dict(flag.split('=', 1) for flag in os.environ['XLA_FLAGS'].split())
+  flags = dict(
+    flag.partition('=')[::2] for flag in os.environ['XLA_FLAGS'].split()
+  )
   assert int(flags[distributed.CPU_COLLECTIVE_TIMEOUT_FLAG]) >= 600
 
 

@@ -1,8 +1,8 @@
 """Joining the processes of a multi-host run, and XLA:CPU's flags for it.
 
-`initialize` picks how the processes find each other, in this order:
-explicit flags (coordinator address, process count and index); a Cloud TPU
-pod; a Slurm job step (`srun`) or an Open MPI job (`mpirun`) of more than one
+`initialize` picks how the processes find each other: explicit flags
+(coordinator address, process count and index), or else an Open MPI job
+(`mpirun`), a Slurm job step (`srun`) or a Cloud TPU pod of more than one
 process, which `jax.distributed.initialize()` reads from the environment
 (the variables below are the ones its cluster detection requires). With none
 of these the run is a single process.
@@ -49,26 +49,31 @@ def set_cpu_collective_timeout(seconds=CPU_COLLECTIVE_TIMEOUT_SECONDS):
 
 
 def _launcher(environ):
-  """The launcher that started several processes, or None."""
-  hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get(
-    'TPU_WORKER_HOSTNAMES', ''
-  )
-  if ',' in hosts:
-    return 'Cloud TPU pod'
+  """The launcher that started several processes, or None.
+
+  In the order of jax's own detection (Open MPI, Slurm, Cloud TPU), so that
+  the one named is the one `jax.distributed.initialize()` uses.
+  """
+  open_mpi_size = int(environ.get(OPEN_MPI_SIZE, '1'))
+  if OPEN_MPI_URI in environ:
+    return 'Open MPI' if open_mpi_size > 1 else None
   # A batch script outside `srun` is one process, whatever SLURM_NTASKS says:
   # SLURM_STEP_NODELIST exists only in a job step.
   slurm = all(name in environ for name in SLURM_VARIABLES)
   if slurm and int(environ['SLURM_NTASKS']) > 1:
     return 'Slurm'
-  if int(environ.get(OPEN_MPI_SIZE, '1')) > 1:
-    if OPEN_MPI_URI not in environ:
-      raise ValueError(
-        f'{OPEN_MPI_SIZE}={environ[OPEN_MPI_SIZE]} but {OPEN_MPI_URI} is '
-        'unset (an Open MPI without ORTE, such as 5.x), so jax cannot find '
-        'the coordinator: pass --coordinator_address, --num_processes and '
-        '--process_id.'
-      )
-    return 'Open MPI'
+  if open_mpi_size > 1:
+    raise ValueError(
+      f'{OPEN_MPI_SIZE}={open_mpi_size} but {OPEN_MPI_URI} is unset (an '
+      'Open MPI without ORTE, such as 5.x), so jax cannot find the '
+      'coordinator: pass --coordinator_address, --num_processes and '
+      '--process_id.'
+    )
+  hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get(
+    'TPU_WORKER_HOSTNAMES', ''
+  )
+  if ',' in hosts:
+    return 'Cloud TPU pod'
   return None
 
 
