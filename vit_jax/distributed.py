@@ -13,10 +13,10 @@ import os
 import jax
 from absl import logging
 
-# XLA:CPU aborts a collective (an all-reduce across host devices or
-# processes) whose participants have not all arrived within this many
-# seconds; XLA's default, 40 s, is reached by a merely slow, overloaded
-# machine.
+# XLA:CPU aborts the process when the devices of a collective (an
+# all-reduce among a process's host devices) have not all arrived this many
+# seconds after its 20 s "may be stuck" warning. XLA's default, 40 s, is
+# reached by a merely slow, overloaded machine.
 CPU_COLLECTIVE_TIMEOUT_FLAG = (
   '--xla_cpu_collective_call_terminate_timeout_seconds'
 )
