@@ -1,9 +1,10 @@
 """Entry point: `python main.py --config=configs/vit_b16.py --workdir=DIR`.
 
 The config's `job` picks what runs; every config key can be overridden on
-the command line (`--config.batch_size=256`). On several hosts (outside
-Cloud TPU, where it is automatic) pass --coordinator_address,
---num_processes and --process_id to every process.
+the command line (`--config.batch_size=256`). On several hosts, processes
+launched on a Cloud TPU pod, by Slurm's `srun` or by Open MPI's `mpirun`
+find each other; elsewhere pass --coordinator_address, --num_processes and
+--process_id to every process (vit_jax/distributed.py).
 """
 
 import importlib
@@ -14,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import metric_logging
+from vit_jax import distributed, metric_logging
 
 # config.job -> vit_jax.jobs.<job>, whose `run(config, workdir)` does it.
 JOBS = (
@@ -48,19 +49,6 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def initialize_distributed():
-  """Joins the processes of a multi-host run (before any computation)."""
-  if FLAGS.coordinator_address:
-    # Collectives between CPU processes (tests, CPU clusters); no effect on
-    # accelerators.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-    )
-  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-    jax.distributed.initialize()  # Cloud TPU pods: discovered automatically.
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -69,10 +57,14 @@ def main(argv):
     raise app.UsageError(
       f'config.job={config.job!r}; use one of {sorted(JOBS)}.'
     )
+  # Before jax initialises its CPU backend, which reads XLA_FLAGS.
+  distributed.set_cpu_collective_timeout()
   metric_logging.quiet_library_logs()
   if FLAGS.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
-  initialize_distributed()
+  distributed.initialize(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
   logging.info(
     'Process %d of %d; %d %s devices.',
     jax.process_index(),

@@ -30,3 +30,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+# Importing jax reads the JAX_* variables above, hence last; XLA reads
+# XLA_FLAGS only when the backend starts.
+from vit_jax import distributed
+
+# On a slow, shared machine the 8 host devices can reach a collective far
+# apart; XLA:CPU's default timeout would abort the test process.
+distributed.set_cpu_collective_timeout()
