@@ -7,6 +7,7 @@ here; `--config=configs/vit_b16.py:imagenet21k` passes 'imagenet21k' as
 """
 
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -64,6 +65,18 @@ FINETUNE_DATASETS = {
   # The embedded default: digits fine-tuned at a higher resolution.
   'digits': dict(steps=300, lrs=(0.003, 0.01, 0.03), warmup=30),
 }
+# Your own images (a folder): the grid of Table 4's datasets other than
+# ImageNet; the steps and warm-up follow from the data (`STEPS_FROM_DATA`).
+OWN_IMAGES = dict(steps=None, lrs=(0.001, 0.003, 0.01, 0.03), warmup=None)
+
+# How long a run on data the paper did not use is, from the number N of
+# training images (resolved by the finetune job when config.total_steps is
+# None): about 100 epochs at batch 512, as Table 4's CIFAR runs (10k steps
+# for 49k images), at least 500 steps as Pets and Flowers (3.3k and 0.9k
+# images) and at most 20k as ImageNet (1.27M images); the warm-up is a tenth
+# of the steps, at most 500 (50 of 500, 500 of 10k). The batch is clipped to
+# N.
+STEPS_FROM_DATA = dict(epochs=100.0, min_steps=500, max_steps=20_000)
 
 # The pretraining rows of the paper's results table (Table 6): config file
 # -> (model, JFT-300M base learning rate, JFT epochs). `configs/<row>.py` is
@@ -337,6 +350,28 @@ def pretrain_vitc(
   return config
 
 
+def is_image_folder(dataset: str) -> bool:
+  """Whether a DATASET argument is a path (to a folder of images)."""
+  if dataset.startswith(('vtab/', 'tfds:')):
+    return False
+  return '/' in dataset or os.path.isdir(os.path.expanduser(dataset))
+
+
+def _finetune_recipe(dataset: str) -> dict:
+  if dataset.startswith('vtab/'):
+    return FINETUNE_DATASETS['vtab']
+  if is_image_folder(dataset):
+    return OWN_IMAGES
+  if dataset not in FINETUNE_DATASETS:
+    raise ValueError(
+      f'No fine-tuning recipe for {dataset!r}; use one of '
+      f'{sorted(FINETUNE_DATASETS)}, vtab/<task> or the path of a folder of '
+      'images (root/<class>/*), or start from another dataset and override '
+      '--config.dataset.'
+    )
+  return FINETUNE_DATASETS[dataset]
+
+
 def finetune(model_name: str, dataset: str) -> ml_collections.ConfigDict:
   """Table 4: the transfer recipe of one model on one dataset.
 
@@ -345,20 +380,20 @@ def finetune(model_name: str, dataset: str) -> ml_collections.ConfigDict:
   Polyak averaging for the headline ImageNet runs of ViT-L/16 and ViT-H/14).
   `sweep=True` runs the learning-rate grid, selects on the held-out split,
   retrains on the whole training set and reports the test accuracy.
+
+  A folder of images (a DATASET with a '/', or an existing directory) gets
+  the grid of the paper's smaller datasets, and steps and warm-up from its
+  number of training images (`STEPS_FROM_DATA`).
   """
-  recipe_name = 'vtab' if dataset.startswith('vtab/') else dataset
-  if recipe_name not in FINETUNE_DATASETS:
-    raise ValueError(
-      f'No fine-tuning recipe for {dataset!r}; use one of '
-      f'{sorted(FINETUNE_DATASETS)} or vtab/<task>, or start from another '
-      'dataset and override --config.dataset.'
-    )
-  recipe = FINETUNE_DATASETS[recipe_name]
+  recipe = _finetune_recipe(dataset)
   config = base()
   config.job = 'finetune'
   config.model_name = model_name
   config.dataset = dataset
   config.total_steps = recipe['steps']
+  # Where total_steps is None: steps (and a warm-up left None) from the
+  # number of training images; see STEPS_FROM_DATA.
+  config.steps_from_data = ml_collections.ConfigDict(STEPS_FROM_DATA)
   config.lr_grid = recipe['lrs']
   config.sweep = False
   config.keep_representation = False  # the paper's "drop-head" variant
@@ -374,6 +409,7 @@ def finetune(model_name: str, dataset: str) -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 1.0
   config.lr.base = 0.01 if 0.01 in recipe['lrs'] else recipe['lrs'][0]
+  config.lr.warmup_steps = config_dict.placeholder(int)
   config.lr.warmup_steps = recipe['warmup']
   config.lr.decay = 'cosine'
   config.lr.end = 0.0

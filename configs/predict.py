@@ -3,8 +3,9 @@
   python main.py --config=configs/predict.py --config.init=CKPT \
       --config.images=a.png,b.jpg --config.dataset=digits --workdir=DIR
 
-Class names come from --config.class_names (a file, one name per line) or
-from --config.dataset; without either, classes are numbered.
+Class names come from --config.class_names (a file, one name per line),
+else from the checkpoint (saved by training), else from --config.dataset;
+without any, classes are numbered.
 """
 
 from ml_collections import config_dict

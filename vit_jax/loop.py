@@ -297,6 +297,7 @@ def train_and_evaluate(
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
   sharding.rules_for(config.sharding)  # Validates the name early.
   ds = data.get_dataset(config, mesh)
+  workdir_lib.record_split_files(workdir, config.dataset, ds.split_files())
   num_steps = total_steps(config, ds)
   task = make_task(config, ds)
 

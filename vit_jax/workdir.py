@@ -11,7 +11,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
+
+# Which files each split of an image folder holds (`record_split_files`).
+SPLITS_FILE = 'splits.json'
 
 
 def _jsonable(value):
@@ -49,3 +53,43 @@ def write_config(
   return write_text(
     workdir, 'config.json', config.to_json_best_effort(indent=2)
   )
+
+
+def record_split_files(
+  workdir: str | epath.Path,
+  dataset: str,
+  split_files: dict[str, list[str]] | None,
+) -> epath.Path | None:
+  """Records which files each split holds as workdir/splits.json, once.
+
+  The record of a folder whose held-out splits were cut from its images
+  (`data.Dataset.split_files`) says which images a run never trained on. A
+  resumed run keeps the first record; it warns where the folder now splits
+  otherwise (files added, removed or renamed since), since the held-out
+  images may then have been trained on.
+
+  Args:
+    workdir: the run's workdir.
+    dataset: the dataset's name (the folder).
+    split_files: {split: file paths relative to the folder}, or None where
+      the examples are not files (nothing is written).
+
+  Returns:
+    The record's path, or None.
+  """
+  if split_files is None:
+    return None
+  path = epath.Path(workdir) / SPLITS_FILE
+  record = _jsonable({'dataset': dataset, 'splits': split_files})
+  if not path.exists():
+    return write_json(workdir, SPLITS_FILE, record)
+  if jax.process_index() == 0 and json.loads(path.read_text()) != record:
+    logging.warning(
+      'The files of %s split otherwise than %s records from the start of '
+      'this run: files were added, removed or renamed since. Held-out '
+      'images may have been trained on; use a new --workdir for clean '
+      'splits.',
+      dataset,
+      path,
+    )
+  return path

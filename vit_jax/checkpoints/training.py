@@ -73,9 +73,14 @@ class StateCheckpoints:
   def check_model(self, description: ModelDescription) -> None:
     """Raises if the latest checkpoint belongs to another model."""
     saved = self.model_description().to_json()
+    new = description.to_json()
+    if 'class_names' not in saved:
+      # Written before class names were saved, or without them: nothing to
+      # compare (the number of classes still is).
+      new.pop('class_names', None)
     different = {
       key: (saved.get(key), value)
-      for key, value in description.to_json().items()
+      for key, value in new.items()
       if saved.get(key) != value
     }
     if different:

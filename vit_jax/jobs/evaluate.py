@@ -6,12 +6,16 @@
 Runs the classification evaluator once (vit_jax/evaluators): every example
 of the split counts exactly once, and where the labels are sets (e.g.
 `--config.dataset=imagenet2012_real`) the accuracy is ImageNet ReaL's.
-Writes DIR/evaluate.json.
+Writes DIR/evaluate.json, with the class names where the checkpoint or the
+dataset has them. A checkpoint whose saved class names are the dataset's in
+another order is an error: its outputs would be scored against the wrong
+labels.
 """
 
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from vit_jax import evaluators
 from vit_jax import workdir as workdir_lib
@@ -30,6 +34,7 @@ def evaluate(loaded: common.LoadedModel, split: str) -> dict[str, Any]:
       f'{ds.num_classes}; evaluate it on the dataset it was trained or '
       'fine-tuned on.'
     )
+  names = _class_names(loaded.description.class_names, ds.class_names, config)
   evaluator = evaluators.ClassificationEvaluator(
     context, name='evaluate', split=split
   )
@@ -41,7 +46,27 @@ def evaluate(loaded: common.LoadedModel, split: str) -> dict[str, Any]:
     'split': split,
     'image_size': loaded.image_size,
     **metrics,
+    **({'class_names': names} if names else {}),
   }
+
+
+def _class_names(saved, dataset, config) -> list[str] | None:
+  """The checkpoint's class names (else the dataset's), checked."""
+  if saved is None or dataset is None:
+    return list(saved or dataset or []) or None
+  saved, dataset = list(saved), list(dataset)
+  if saved != dataset and sorted(saved) == sorted(dataset):
+    raise ValueError(
+      f'{config.init} was trained on the classes of {config.dataset} in '
+      f'another order ({saved} against {dataset}): its outputs do not match '
+      "the dataset's labels. Evaluate it on the data it was trained on."
+    )
+  if saved != dataset:
+    logging.warning(
+      '%s names its classes %s; %s names them %s.',
+      config.init, saved, config.dataset, dataset,
+    )  # fmt: skip
+  return saved
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

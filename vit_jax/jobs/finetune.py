@@ -9,16 +9,22 @@ With `config.sweep`, every learning rate of `config.lr_grid` trains on the
 'train' split and is scored on the held-out 'val' split; the best one
 retrains on 'train_full' and is scored on 'test' (the paper's protocol). The
 results table goes to results.md and results.json in the workdir.
+
+A config whose `total_steps` is None (the recipe of a folder of images,
+configs/common.py) has its length resolved from the number of training
+images before it runs (`steps_from_data`); the resolved values are in the
+workdir's config.json.
 """
 
 import copy
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
-from vit_jax import checkpoints, data, loop, models, steps
+from vit_jax import checkpoints, data, loop, models, sharding, steps
 from vit_jax import workdir as workdir_lib
 from vit_jax.checkpoints import transfer
 from vit_jax.models import shapes
@@ -65,6 +71,7 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
     num_classes=ds.num_classes,
     image_size=config.image_size,
     overrides=overrides,
+    class_names=ds.class_names,
   )
   model = description.build()
 
@@ -80,9 +87,59 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
   )
 
 
+# Table 4's warm-ups: 50 of 500 steps, 500 of 10k and 20k.
+_WARMUP_FRACTION = 0.1
+_MAX_WARMUP = 500
+
+
+def steps_from_data(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """The config with a length left to the data resolved.
+
+  Where `config.total_steps` is None: the batch is clipped to the training
+  images (a multiple of the data-parallel devices) and the run takes
+  `config.num_epochs`, if set, or `steps_from_data.epochs` clipped to
+  [min_steps, max_steps]. A warm-up left None is a tenth of the steps, at
+  most 500.
+
+  Args:
+    config: a fine-tuning config.
+
+  Returns:
+    A copy with `total_steps` and `lr.warmup_steps` set (the config itself
+    where both are).
+  """
+  if config.total_steps is not None and config.lr.warmup_steps is not None:
+    return config
+  config = copy.deepcopy(config)
+  if config.total_steps is None:
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
+    ds = data.get_dataset(config, mesh)
+    images = ds.num_examples(config.train_split)
+    devices = mesh.shape[sharding.DATA]
+    if images < config.batch_size:
+      config.batch_size = max(devices, images // devices * devices)
+    if config.num_epochs is not None:
+      config.total_steps = loop.total_steps(config, ds)
+    else:
+      rule = config.steps_from_data
+      epochs = round(rule.epochs * images / config.batch_size)
+      config.total_steps = int(np.clip(epochs, rule.min_steps, rule.max_steps))
+    logging.info(
+      '%s: %d training images; batch %d, %d steps.',
+      config.dataset, images, config.batch_size, config.total_steps,
+    )  # fmt: skip
+  if config.lr.warmup_steps is None and config.lr.warmup_epochs is None:
+    config.lr.warmup_steps = min(
+      _MAX_WARMUP, round(_WARMUP_FRACTION * config.total_steps)
+    )
+  return config
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """One fine-tuning run (exported as workdir/model.npz if export_npz)."""
-  return loop.train_and_evaluate(config, workdir, make_task)
+  return loop.train_and_evaluate(steps_from_data(config), workdir, make_task)
 
 
 def _run_config(config, changes: dict[str, Any]):
@@ -145,6 +202,8 @@ def format_sweep(table: dict[str, Any]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
+  # Once, so that every run of a sweep has the same length.
+  config = steps_from_data(config)
   if config.sweep:
     return sweep(config, workdir)
   return train(config, workdir)

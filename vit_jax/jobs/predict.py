@@ -6,8 +6,10 @@
 Each image (JPEG, PNG, GIF or BMP) is preprocessed as training's evaluation
 preprocesses it (`data.preprocess.eval_fn`: the `config.pp.eval_crop` resize
 or central crop to the checkpoint's resolution, values to [-1, 1]). Class
-names come from `config.class_names`, a text file with one name per line, or
-else from `config.dataset`; without either, classes are numbered.
+names come from `config.class_names`, a text file with one name per line;
+else from the checkpoint, where training saved them (its dataset's names:
+an image folder's class folders); else from `config.dataset`; else classes
+are numbered.
 Probabilities are the softmax of the logits, or per-class sigmoids for a
 model trained with `--config.loss=sigmoid_xent`. Prints a table and writes
 DIR/predictions.json.
@@ -40,6 +42,9 @@ def class_names(
     names = [line.strip() for line in path.read_text().splitlines()]
     names = [name for name in names if name]
     origin = str(path)
+  elif loaded.description.class_names is not None:
+    names = list(loaded.description.class_names)
+    origin = f'{config.init} (checkpoint)'
   elif config.dataset:
     names = loaded.dataset().class_names or []
     origin = config.dataset

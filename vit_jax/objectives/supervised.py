@@ -9,7 +9,7 @@ OBJECTIVE = 'supervised'
 
 
 def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
-  """The configured model, loss and the dataset's classes."""
+  """The configured model, loss and the dataset's classes (and names)."""
   num_classes = config.num_classes or ds.num_classes
   if num_classes != ds.num_classes:
     raise ValueError(
@@ -17,7 +17,7 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
       f'{ds.num_classes} classes; set --config.num_classes={ds.num_classes} '
       'or leave it unset.'
     )
-  model, description = model_from_config(config, num_classes)
+  model, description = model_from_config(config, num_classes, ds.class_names)
   return Task(
     model=model,
     loss_fn=steps.get_loss(config.loss, config.label_smoothing),

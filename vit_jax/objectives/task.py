@@ -1,7 +1,7 @@
 """The Task: what a job plugs into the training loop."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,7 +47,9 @@ class Task:
 
 
 def model_from_config(
-  config: ml_collections.ConfigDict, num_classes: int | None
+  config: ml_collections.ConfigDict,
+  num_classes: int | None,
+  class_names: Sequence[str] | None = None,
 ) -> tuple[nn.Module, ModelDescription]:
   """The model a config names, and its description."""
   description = ModelDescription(
@@ -55,5 +57,6 @@ def model_from_config(
     num_classes=num_classes,
     image_size=config.image_size,
     overrides=models.config_overrides(config.model),
+    class_names=class_names,
   )
   return description.build(), description

@@ -172,6 +172,16 @@ class ArraySource(base.Source):
     )
 
 
+def digit_scans() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digit scans: uint8 (N, 8, 8) grey in 0..255, digits."""
+  from sklearn import datasets  # Only needed for the digits.
+
+  data = datasets.load_digits()
+  # Pixel values are 0..16.
+  grey = np.round(data.images * (255 / 16)).astype(np.uint8)
+  return grey, data.target
+
+
 def digits(splits: Mapping[str, SplitSpec] | None = None) -> ArraySource:
   """scikit-learn's 1,797 8x8 digit scans, offline: 10 classes.
 
@@ -186,17 +196,16 @@ def digits(splits: Mapping[str, SplitSpec] | None = None) -> ArraySource:
     The source.
   """
   # Imported here: scikit-learn is only needed for this dataset.
-  from sklearn import datasets, model_selection
+  from sklearn import model_selection
 
-  data = datasets.load_digits()
+  grey, labels = digit_scans()
   train, test = model_selection.train_test_split(
-    np.arange(len(data.target)),
+    np.arange(len(labels)),
     test_size=0.2,
-    stratify=data.target,
+    stratify=labels,
     random_state=0,
   )
   order = np.concatenate([train, test])
-  grey = np.round(data.images[order] * (255 / 16)).astype(np.uint8)
   defaults = {
     'train': 'train[:90%]',
     'val': 'train[90%:]',
@@ -205,8 +214,8 @@ def digits(splits: Mapping[str, SplitSpec] | None = None) -> ArraySource:
   }
   return ArraySource(
     presets.DIGITS,
-    np.repeat(grey[..., None], 3, axis=-1),
-    data.target[order],
+    np.repeat(grey[order][..., None], 3, axis=-1),
+    labels[order],
     {'train': len(train), 'test': len(test)},
     {**defaults, **(splits or {})},
     [str(d) for d in range(10)],
