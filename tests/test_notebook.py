@@ -1,6 +1,7 @@
 """The fine-tuning notebook runs top to bottom; its install cell, on Colab only."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
+
+from vit_jax.data.write_digits_folder import CLASS_NAMES
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / 'notebooks' / 'finetune.ipynb'
 
@@ -46,6 +49,21 @@ def test_finetune_notebook_runs(tmp_path):
   assert accuracy > 0.3  # 10 classes: chance is 0.1
   assert any('image/png' in o.get('data', {}) for o in outputs)
   assert (tmp_path / 'finetune' / 'model.npz').exists()
+  # Your own images: the digits folder, its held-out split recorded, and the
+  # class names (the folder names) in the predictions.
+  own = float(re.search(r'own images: test accuracy ([\d.]+)', text).group(1))
+  assert own > 0.3
+  splits = json.loads((tmp_path / 'own_images' / 'splits.json').read_text())
+  assert splits['splits']['test']
+  predictions = json.loads(
+    (tmp_path / 'own_images_predict' / 'predictions.json').read_text()
+  )
+  names = {
+    entry['class']
+    for prediction in predictions['predictions']
+    for entry in prediction['top_k']
+  }
+  assert names and names <= set(CLASS_NAMES)
 
 
 # The first code cell installs the project, only on Colab.
