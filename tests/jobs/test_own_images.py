@@ -23,6 +23,7 @@ from configs import evaluate as evaluate_config
 from configs import finetune as finetune_config
 from configs import predict as predict_config
 from vit_jax import checkpoints, data, sharding
+from vit_jax import workdir as workdir_lib
 from vit_jax.data.write_digits_folder import CLASS_NAMES, write_digits_folder
 from vit_jax.jobs import evaluate, finetune, predict, pretrain
 
@@ -161,6 +162,19 @@ def test_the_splits_are_recorded(finetuned, folder):
   on_disk = {str(p.relative_to(folder)) for p in folder.glob('*/*.png')}
   assert train | val | test == on_disk
   assert len(test) == len(val) == 179  # a tenth of each class, rounded
+
+
+def test_a_changed_folder_keeps_the_first_record(tmp_path, caplog):
+  first = {'train': ['a/1.png'], 'test': ['a/2.png']}
+  path = workdir_lib.record_split_files(tmp_path, 'imgs', first)
+  workdir_lib.record_split_files(tmp_path, 'imgs', first)
+  assert 'split otherwise' not in caplog.text
+  moved = {'train': ['a/2.png'], 'test': ['a/1.png']}
+  workdir_lib.record_split_files(tmp_path, 'imgs', moved)
+  assert 'split otherwise' in caplog.text
+  assert json.loads(path.read_text())['splits'] == first
+  assert workdir_lib.record_split_files(tmp_path / 'x', 'digits', None) is None
+  assert not (tmp_path / 'x').exists()
 
 
 def test_predict_names_the_classes_from_the_checkpoint(

@@ -114,6 +114,8 @@ def steps_from_data(
     return config
   config = copy.deepcopy(config)
   if config.total_steps is None:
+    # The loop opens the data again with the resolved batch size; for a
+    # folder that is a second scan of its files.
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
     ds = data.get_dataset(config, mesh)
     images = ds.num_examples(config.train_split)
@@ -124,8 +126,8 @@ def steps_from_data(
       config.total_steps = loop.total_steps(config, ds)
     else:
       rule = config.steps_from_data
-      epochs = round(rule.epochs * images / config.batch_size)
-      config.total_steps = int(np.clip(epochs, rule.min_steps, rule.max_steps))
+      steps = round(rule.epochs * images / config.batch_size)
+      config.total_steps = int(np.clip(steps, rule.min_steps, rule.max_steps))
     logging.info(
       '%s: %d training images; batch %d, %d steps.',
       config.dataset, images, config.batch_size, config.total_steps,
