@@ -164,6 +164,12 @@ def read(path: epath.Path, options: layout.ReadOptions):
       image_size=model_args.get('img_size') or image_size,
       **known,
     )
+    # The position embeddings tell the resolution of the weights; a timm
+    # name's is its architecture's default.
+    trained = shapes.trained_image_size(description.build(), params)
+    description = description.replace(
+      image_size=trained or description.image_size
+    )
   _check_against_model(
     weights, {k: v.shape for k, v in flat.items()}, description, params
   )
