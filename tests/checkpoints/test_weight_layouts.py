@@ -327,7 +327,7 @@ ROUND_TRIPS = {
     'ViT-B_16',
     16,
     dict(patch_size=4, classifier='map', posemb='sincos2d', **TINY_VIT),
-  ),  # fmt: skip
+  ),
   # timm's R+ViT-Ti_16 (its backbone is the ResNet root alone).
   'hybrid': lambda: ('R+ViT-Ti_16', 64, dict(TINY_VIT)),
   'bit': lambda: ('BiT-R50x1', 32, dict(stage_sizes=(1, 1))),
@@ -414,6 +414,6 @@ def test_a_timm_mismatch_lists_timm_names(tmp_path):
   sd['fc_norm.weight'] = sd.pop('norm.weight')
   path = wf.write_safetensors(tmp_path / 'fc' / 'model.safetensors', sd, config)
   with pytest.raises(
-    checkpoints.CheckpointMismatchError, match='fc_norm.weight'
+    checkpoints.CheckpointMismatchError, match=r'fc_norm\.weight'
   ):
     checkpoints.load(path)
