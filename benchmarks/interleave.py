@@ -70,6 +70,7 @@ def project_worker():
   import jax
 
   from configs import benchmark as benchmark_config
+  from vit_jax.analysis import measure
   from vit_jax.jobs import benchmark
 
   config = benchmark_config.get_config(_MODEL.value)
@@ -91,7 +92,7 @@ def project_worker():
     state, metrics = setup.train_step(state, setup.batch)
     jax.block_until_ready((state, metrics))
     print(time.perf_counter() - start, flush=True)
-  print(f'peak_bytes {benchmark.host_memory_peak_bytes()}', flush=True)
+  print(f'peak_bytes {measure.host_memory_peak_bytes()}', flush=True)
 
 
 def _parse(value: str):

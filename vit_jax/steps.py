@@ -1,4 +1,4 @@
-"""Losses, the sharded train step, and the evaluation step.
+"""Losses and the sharded train step (the evaluation step: eval_step.py).
 
 Two train steps compute the same update:
 - `jit`: one program over the global batch; GSPMD partitions it following
@@ -11,7 +11,6 @@ The loss compares the model's outputs with one entry of the batch, its
 targets: the labels, or the images for a self-supervised objective.
 """
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -29,8 +27,6 @@ from vit_jax.train_state import StateLayout, TrainState
 
 # Per-example loss of (model outputs, targets).
 LossFn = Callable[[Any, jax.Array], jax.Array]
-# An evaluation's totals over a split -> the metrics reported.
-Summarize = Callable[[dict[str, np.ndarray]], dict[str, float]]
 STEPS = ('jit', 'shard_map')
 
 
@@ -56,53 +52,7 @@ def get_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalMetrics:
-  """What evaluation measures.
-
-  Attributes:
-    sums: (model outputs, targets, mask) -> a dict of sums over the batch,
-      where mask is 1 for the examples of the split and 0 for padding; they
-      are added up over the split.
-    summarize: the split's totals (numpy) -> the metrics reported.
-  """
-
-  sums: Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
-  summarize: Summarize
-
-
-def _classification_summary(totals: dict[str, np.ndarray]) -> dict[str, float]:
-  count = max(float(totals['count']), 1.0)
-  return {
-    'accuracy': float(totals['correct']) / count,
-    'loss': float(totals['loss_sum']) / count,
-    'examples': int(totals['count']),
-  }
-
-
-def classification_metrics(loss_fn: LossFn) -> EvalMetrics:
-  """Top-1 accuracy and mean loss of logits against (multi-hot) labels.
-
-  A prediction is correct when its top-1 class has a positive label: plain
-  top-1 accuracy for one-hot labels, and ReaL accuracy for multi-hot label
-  sets, where examples with an empty set do not count (as in ImageNet ReaL).
-  Padding examples (mask 0) never count.
-  """
-
-  def sums(logits, labels, mask):
-    valid = mask * (jnp.max(labels, axis=-1) > 0)
-    top1 = jnp.argmax(logits, axis=-1)
-    correct = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
-    return {
-      'correct': jnp.sum(correct * valid),
-      'count': jnp.sum(valid),
-      'loss_sum': jnp.sum(loss_fn(logits, labels) * valid),
-    }
-
-  return EvalMetrics(sums, _classification_summary)
-
-
-def _rngs(rng: jax.Array, streams: Sequence[str]) -> dict[str, jax.Array]:
+def model_rngs(rng: jax.Array, streams: Sequence[str]) -> dict[str, jax.Array]:
   """The model's RNG keys: `rng` for dropout, a fold-in of it per stream."""
   keys = {'dropout': rng}
   for i, name in enumerate(streams, start=1):
@@ -184,6 +134,125 @@ def _gradients(
   return loss_sum / accum_steps, grads, batch_stats
 
 
+def _make_update(tx, schedule, ema_decay: float):
+  """(state, loss, grads, batch_stats) -> (new state, metrics)."""
+
+  def update(state: TrainState, loss, grads, batch_stats):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+    metrics = {
+      'train_loss': loss,
+      'grad_norm': optax.global_norm(grads),
+      'learning_rate': schedule(state.step),
+    }
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      batch_stats=batch_stats,
+      ema_params=ema,
+    )
+    return new_state, metrics
+
+  return update
+
+
+def _mean_loss_of(module, loss_fn, rng_streams, data_axis=None):
+  """(params, batch_stats, images, targets, rng) -> (mean loss, new stats).
+
+  With `data_axis` (inside shard_map) the mean is over every device's
+  slice: `grad` of it is the global gradient.
+  """
+
+  def mean_loss(params, batch_stats, images, targets, rng):
+    variables = {'params': params}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    outputs, new_stats = _apply(
+      module, variables, images, True, model_rngs(rng, rng_streams)
+    )
+    loss = jnp.mean(loss_fn(outputs, targets))
+    if data_axis is not None:
+      loss = jax.lax.pmean(loss, data_axis)
+    return loss, new_stats
+
+  return mean_loss
+
+
+def _step_rng(seed: int, step) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def _jit_step(model, loss_fn, update, mesh, *, seed, target, accum_steps,
+              rng_streams):  # fmt: skip
+  """One program over the global batch, partitioned by GSPMD."""
+  mean_loss = _mean_loss_of(model, loss_fn, rng_streams)
+
+  def train_step(state, batch):
+    loss, grads, batch_stats = _gradients(
+      mean_loss,
+      state.params,
+      state.batch_stats,
+      batch,
+      target,
+      _step_rng(seed, state.step),
+      accum_steps,
+      mesh,
+    )
+    return update(state, loss, grads, batch_stats)
+
+  return train_step
+
+
+def _shard_map_step(model, loss_fn, update, mesh, *, seed, target,
+                    accum_steps, rng_streams):  # fmt: skip
+  """Explicit data parallelism: each device steps on its slice."""
+  if mesh.shape[sharding.MODEL] != 1:
+    raise ValueError(
+      "config.step='shard_map' is data parallel: set --config.mesh.model=1 "
+      "(or use config.step='jit' for tensor parallelism)."
+    )
+  # Inside shard_map BatchNorm sees one device's slice: average its
+  # statistics over the data axis.
+  local_model = (
+    model.clone(bn_axis_name=sharding.DATA)
+    if hasattr(model, 'bn_axis_name')
+    else model
+  )
+  mean_loss = _mean_loss_of(local_model, loss_fn, rng_streams, sharding.DATA)
+
+  def local_step(state, batch):
+    rng = jax.random.fold_in(
+      _step_rng(seed, state.step), jax.lax.axis_index(sharding.DATA)
+    )
+    # Per-device code: no sharding constraints on the activations.
+    with nn.logical_axis_rules(()):
+      loss, grads, batch_stats = _gradients(
+        mean_loss,
+        state.params,
+        state.batch_stats,
+        batch,
+        target,
+        rng,
+        accum_steps,
+        None,
+      )
+    return update(state, loss, grads, batch_stats)
+
+  def train_step(state, batch):
+    return jax.shard_map(
+      local_step,
+      mesh=mesh,
+      in_specs=(P(), P(sharding.DATA)),
+      out_specs=(P(), P()),
+    )(state, batch)
+
+  return train_step
+
+
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
@@ -220,108 +289,14 @@ def make_train_step(
   """
   if kind not in STEPS:
     raise ValueError(f'config.step={kind!r}; use one of {STEPS}.')
-
-  def update(state: TrainState, loss, grads, batch_stats):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-      ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-    metrics = {
-      'train_loss': loss,
-      'grad_norm': optax.global_norm(grads),
-      'learning_rate': schedule(state.step),
-    }
-    new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      batch_stats=batch_stats,
-      ema_params=ema,
-    )
-    return new_state, metrics
-
-  def step_rng(step):
-    return jax.random.fold_in(jax.random.key(seed), step)
-
-  def mean_loss_of(module, data_axis=None):
-    """The batch's mean loss and new BatchNorm statistics.
-
-    With `data_axis` (inside shard_map) the mean is over every device's
-    slice: `grad` of it is the global gradient.
-    """
-
-    def mean_loss(params, batch_stats, images, targets, rng):
-      variables = {'params': params}
-      if batch_stats:
-        variables['batch_stats'] = batch_stats
-      outputs, new_stats = _apply(
-        module, variables, images, True, _rngs(rng, rng_streams)
-      )
-      loss = jnp.mean(loss_fn(outputs, targets))
-      if data_axis is not None:
-        loss = jax.lax.pmean(loss, data_axis)
-      return loss, new_stats
-
-    return mean_loss
-
+  update = _make_update(tx, schedule, ema_decay)
+  options = dict(
+    seed=seed, target=target, accum_steps=accum_steps, rng_streams=rng_streams
+  )
   if kind == 'jit':
-    mean_loss = mean_loss_of(model)
-
-    def train_step(state, batch):
-      loss, grads, batch_stats = _gradients(
-        mean_loss,
-        state.params,
-        state.batch_stats,
-        batch,
-        target,
-        step_rng(state.step),
-        accum_steps,
-        mesh,
-      )
-      return update(state, loss, grads, batch_stats)
-
+    train_step = _jit_step(model, loss_fn, update, mesh, **options)
   else:
-    if mesh.shape[sharding.MODEL] != 1:
-      raise ValueError(
-        "config.step='shard_map' is data parallel: set --config.mesh.model=1 "
-        "(or use config.step='jit' for tensor parallelism)."
-      )
-    # Inside shard_map BatchNorm sees one device's slice: average its
-    # statistics over the data axis.
-    local_model = (
-      model.clone(bn_axis_name=sharding.DATA)
-      if hasattr(model, 'bn_axis_name')
-      else model
-    )
-    mean_loss = mean_loss_of(local_model, sharding.DATA)
-
-    def local_step(state, batch):
-      rng = jax.random.fold_in(
-        step_rng(state.step), jax.lax.axis_index(sharding.DATA)
-      )
-      # Per-device code: no sharding constraints on the activations.
-      with nn.logical_axis_rules(()):
-        loss, grads, batch_stats = _gradients(
-          mean_loss,
-          state.params,
-          state.batch_stats,
-          batch,
-          target,
-          rng,
-          accum_steps,
-          None,
-        )
-      return update(state, loss, grads, batch_stats)
-
-    def train_step(state, batch):
-      return jax.shard_map(
-        local_step,
-        mesh=mesh,
-        in_specs=(P(), P(sharding.DATA)),
-        out_specs=(P(), P()),
-      )(state, batch)
-
+    train_step = _shard_map_step(model, loss_fn, update, mesh, **options)
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(
     train_step,
@@ -362,63 +337,3 @@ def make_train_step_from_config(
     ema_decay=config.ema_decay,
     **task_options,
   )
-
-
-def make_eval_step(
-  model: nn.Module,
-  loss_fn: LossFn,
-  mesh: Mesh,
-  *,
-  metrics: EvalMetrics | None = None,
-  target: str = 'labels',
-  rng_streams: Sequence[str] = (),
-  seed: int = 0,
-) -> Callable[[dict, dict[str, jax.Array]], dict[str, jax.Array]]:
-  """Builds the compiled `(variables, batch) -> sums` evaluation step.
-
-  Args:
-    model: the Flax module.
-    loss_fn: per-example loss of (model outputs, targets).
-    mesh: the device mesh.
-    metrics: what to measure; `classification_metrics(loss_fn)` by default.
-    target: the batch entry the outputs are compared with.
-    rng_streams: RNG streams the model draws from (besides 'dropout').
-    seed: their keys are derived from it, the same for every batch.
-  """
-  metrics = metrics or classification_metrics(loss_fn)
-
-  def eval_step(variables, batch):
-    outputs = model.apply(
-      variables,
-      batch['images'],
-      train=False,
-      rngs=_rngs(jax.random.key(seed), rng_streams),
-    )
-    return metrics.sums(outputs, batch[target], batch['mask'])
-
-  return jax.jit(
-    eval_step,
-    in_shardings=(None, sharding.batch_sharding(mesh)),
-    out_shardings=sharding.replicated(mesh),
-  )
-
-
-def evaluate(
-  eval_step: Callable,
-  variables: dict,
-  batches,
-  summarize: Summarize = _classification_summary,
-) -> dict[str, float]:
-  """The metrics of an iterable of padded, masked batches.
-
-  `summarize` turns the eval step's totals into metrics (`EvalMetrics`); the
-  default gives the accuracy, mean loss and examples of
-  `classification_metrics`.
-  """
-  totals: dict[str, Any] = {}
-  for batch in batches:
-    sums = eval_step(variables, batch)
-    totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-  if not totals:
-    raise ValueError('The evaluation split is empty.')
-  return summarize(jax.device_get(totals))

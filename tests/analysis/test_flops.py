@@ -4,7 +4,7 @@ import ml_collections
 import pytest
 
 from configs import flops as flops_config
-from vit_jax.analysis import flops
+from vit_jax.analysis import compute_table, flops
 
 
 @pytest.mark.parametrize(
@@ -110,26 +110,30 @@ def _config(**kwargs):
 def test_pretraining_exaflops_is_three_forward_passes_per_image():
   forward = flops.forward_flops('ViT-B_16', 224, None)
   expected = 3 * forward * 7 * 303_000_000 / 1e18
-  assert flops.pretraining_exaflops(_config()) == pytest.approx(expected)
+  assert compute_table.pretraining_exaflops(_config()) == pytest.approx(
+    expected
+  )
   # A step budget overrides epochs: steps x batch images.
-  by_steps = flops.pretraining_exaflops(_config(total_steps=1000))
+  by_steps = compute_table.pretraining_exaflops(_config(total_steps=1000))
   assert by_steps == pytest.approx(3 * forward * 1000 * 4096 / 1e18)
 
 
 def test_pretraining_exaflops_needs_the_dataset_size():
   with pytest.raises(ValueError, match='num_train_examples'):
-    flops.pretraining_exaflops(_config(num_train_examples=None))
+    compute_table.pretraining_exaflops(_config(num_train_examples=None))
 
 
 def test_results_table_matches_the_papers_exaflops():
-  rows = flops.results_table(flops_config.get_config().row_configs.jft)
-  assert [(r['model'], r['epochs']) for r in rows] == list(flops.PAPER_EXAFLOPS)
+  rows = compute_table.results_table(flops_config.get_config().row_configs.jft)
+  assert [(r['model'], r['epochs']) for r in rows] == list(
+    compute_table.PAPER_EXAFLOPS
+  )
   for row in rows:
     assert row['exaflops'] == pytest.approx(row['paper_exaflops'], rel=0.1), row
     assert row['rel_diff'] == pytest.approx(
       row['exaflops'] / row['paper_exaflops'] - 1
     )
-  table = flops.format_table(rows)
+  table = compute_table.format_table(rows)
   lines = table.splitlines()
   assert len(lines) == 2 + len(rows)
   assert lines[0].startswith('| Model | Epochs')

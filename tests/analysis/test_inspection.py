@@ -8,8 +8,8 @@ import pytest
 from matplotlib import image as mpimg
 from sklearn import decomposition
 
-from vit_jax.analysis import inspection
-from vit_jax.models import get_model
+from vit_jax.analysis import attention_maps, inspection
+from vit_jax.models import get_model, shapes
 
 TINY_VIT = dict(
   hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4
@@ -91,7 +91,7 @@ def test_attention_rollout_of_hand_made_matrices():
   # (U S = U).
   expected = 0.5 * uniform + 0.375 * eye + 0.125 * shift
   np.testing.assert_allclose(
-    inspection.attention_rollout(attentions)[0], expected, atol=1e-12
+    attention_maps.attention_rollout(attentions)[0], expected, atol=1e-12
   )
 
 
@@ -101,13 +101,13 @@ def test_uniform_attention_gives_hand_computed_distance_and_rollout():
   variables = _uniform_attention(variables)
   # Every token attends 1/5 to each of the class token and 4 patches; a
   # patch's distances to the patches are 0, 4, 4 and 4·√2 pixels.
-  distances = inspection.mean_attention_distance(model, variables, images)
+  distances = attention_maps.mean_attention_distance(model, variables, images)
   np.testing.assert_allclose(
     distances, np.full((2, 4), (8 + 4 * np.sqrt(2)) / 5), rtol=1e-6
   )
   # Ã = 0.5 U + 0.5 I in both layers: R = 0.75 U + 0.25 I, so the class
   # token's row gives 0.75 / 5 to every patch.
-  maps = inspection.rollout_maps(model, variables, images)
+  maps = attention_maps.rollout_maps(model, variables, images)
   np.testing.assert_allclose(maps, np.full((3, 2, 2), 0.15), rtol=1e-6)
 
 
@@ -132,10 +132,10 @@ def test_mean_attention_distance_matches_numpy(
 ):
   model = get_model(name, 10, **overrides)
   variables, images = _init(model, size)
-  assert inspection.token_grid(model, size, size) == (grid, grid, stride)
+  assert shapes.token_grid(model, size, size) == (grid, grid, stride)
   weights = _sown_attention(model, variables, images)
   expected = _reference_distance(weights, grid, stride, skip)
-  distances = inspection.mean_attention_distance(
+  distances = attention_maps.mean_attention_distance(
     model, variables, images, batch_size=2
   )
   assert distances.shape == (2, 4)
@@ -154,7 +154,7 @@ def test_rollout_maps_match_numpy():
       mixed = mixed / mixed.sum(axis=1, keepdims=True)
       rollout = mixed @ rollout
     expected.append(rollout[0, 1:].reshape(4, 4))
-  maps = inspection.rollout_maps(model, variables, images, batch_size=2)
+  maps = attention_maps.rollout_maps(model, variables, images, batch_size=2)
   np.testing.assert_allclose(maps, np.array(expected), rtol=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_rollout_needs_a_class_token():
   model = get_model('ViT-B_16', 10, **dict(TINY_VIT, classifier='gap'))
   variables, images = _init(model, 16)
   with pytest.raises(ValueError, match='class token'):
-    inspection.rollout_maps(model, variables, images)
+    attention_maps.rollout_maps(model, variables, images)
 
 
 def test_scanned_and_unrolled_models_give_the_same_distances():
@@ -175,31 +175,31 @@ def test_scanned_and_unrolled_models_give_the_same_distances():
   params['Transformer'] = encoder
   scanned = get_model('ViT-B_16', 10, scan=True, **TINY_VIT)
   np.testing.assert_allclose(
-    inspection.mean_attention_distance(scanned, {'params': params}, images),
-    inspection.mean_attention_distance(unrolled, variables, images),
+    attention_maps.mean_attention_distance(scanned, {'params': params}, images),
+    attention_maps.mean_attention_distance(unrolled, variables, images),
     rtol=1e-5,
   )
   np.testing.assert_allclose(
-    inspection.rollout_maps(scanned, {'params': params}, images),
-    inspection.rollout_maps(unrolled, variables, images),
+    attention_maps.rollout_maps(scanned, {'params': params}, images),
+    attention_maps.rollout_maps(unrolled, variables, images),
     rtol=1e-5,
   )
 
 
 def test_token_grid_of_full_size_hybrids_and_vitc():
-  assert inspection.token_grid(get_model('R50+ViT-B_16'), 224, 224) == (
+  assert shapes.token_grid(get_model('R50+ViT-B_16'), 224, 224) == (
     14,
     14,
     16,
   )
-  assert inspection.token_grid(get_model('R50+ViT-B_32'), 224, 224) == (
+  assert shapes.token_grid(get_model('R50+ViT-B_32'), 224, 224) == (
     7,
     7,
     32,
   )
-  assert inspection.token_grid(get_model('ViTc-S_16'), 224, 224) == (14, 14, 16)
+  assert shapes.token_grid(get_model('ViTc-S_16'), 224, 224) == (14, 14, 16)
   with pytest.raises(TypeError, match='no patch tokens'):
-    inspection.token_grid(get_model('BiT-R50x1'), 224, 224)
+    shapes.token_grid(get_model('BiT-R50x1'), 224, 224)
 
 
 def test_embedding_filters_figure(tmp_path):
@@ -250,9 +250,9 @@ def test_position_similarity_figure(tmp_path):
 def test_distance_and_rollout_figures(tmp_path):
   model = get_model('ViT-B_16', 10, **TINY_VIT)
   variables, images = _init(model, 16)
-  distances = inspection.mean_attention_distance(model, variables, images)
+  distances = attention_maps.mean_attention_distance(model, variables, images)
   inspection.attention_distance_figure(distances, tmp_path / 'distance.png')
   _assert_png_with_content(tmp_path / 'distance.png')
-  maps = inspection.rollout_maps(model, variables, images)
+  maps = attention_maps.rollout_maps(model, variables, images)
   inspection.rollout_figure(images, maps, tmp_path / 'nested' / 'rollout.png')
   _assert_png_with_content(tmp_path / 'nested' / 'rollout.png')

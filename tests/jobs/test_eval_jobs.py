@@ -30,7 +30,7 @@ from configs import flops as flops_config
 from configs import inspect as inspect_config
 from configs import predict as predict_config
 from helpers import COMPILATION_CACHE_FLAG, init_params
-from vit_jax import checkpoints, config_utils, data, sharding, steps
+from vit_jax import checkpoints, config_utils, data, eval_step, sharding, steps
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot as fewshot_evaluator
 from vit_jax.jobs import common, evaluate, predict, pretrain
@@ -209,7 +209,8 @@ def test_real_accuracy_counts_label_sets_and_skips_empty_ones():
   )  # fmt: skip
   mask = jnp.asarray([1.0, 1, 1, 1, 0])
   metrics = classification.counted(
-    steps.classification_metrics(steps.get_loss('sigmoid_xent')), labels=True
+    eval_step.classification_metrics(steps.get_loss('sigmoid_xent')),
+    labels=True,
   )
   totals = metrics.summarize(jax.device_get(metrics.sums(logits, labels, mask)))
   # Label sets: reported as ReaL accuracy.

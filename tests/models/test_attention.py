@@ -88,7 +88,8 @@ def test_xla_and_product_agree_with_each_other_and_numpy(classifier):
     for name in ('xla', 'product')
   }
   flat = {
-    k: v.astype(np.float64) for k, v in checkpoints.to_published(params).items()
+    k: v.astype(np.float64)
+    for k, v in checkpoints.npz.to_published(params).items()
   }
   expected = ref.vit(
     flat, np.asarray(images, np.float64), 4, 2, classifier=classifier

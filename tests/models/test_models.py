@@ -322,7 +322,8 @@ def test_bad_patch_size_and_classifier_errors():
 
 def published_float64(params):
   return {
-    k: v.astype(np.float64) for k, v in checkpoints.to_published(params).items()
+    k: v.astype(np.float64)
+    for k, v in checkpoints.npz.to_published(params).items()
   }
 
 

@@ -13,11 +13,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import steps
+from vit_jax import eval_step
 from vit_jax.evaluators.base import Context
 
 
-def counted(metrics: steps.EvalMetrics, labels: bool) -> steps.EvalMetrics:
+def counted(
+  metrics: eval_step.EvalMetrics, labels: bool
+) -> eval_step.EvalMetrics:
   """`metrics` plus 'seen', the real examples, and whether labels are sets.
 
   Args:
@@ -39,7 +41,7 @@ def counted(metrics: steps.EvalMetrics, labels: bool) -> steps.EvalMetrics:
       summary['real_accuracy'] = summary.pop('accuracy')
     return summary
 
-  return steps.EvalMetrics(sums, summarize)
+  return eval_step.EvalMetrics(sums, summarize)
 
 
 class ClassificationEvaluator:
@@ -66,7 +68,7 @@ class ClassificationEvaluator:
     task = context.task
     self._metrics = counted(task.eval_metrics, task.target == 'labels')
     with context.activation_sharding():
-      self._step = steps.make_eval_step(
+      self._step = eval_step.make_eval_step(
         task.model,
         task.loss_fn,
         context.mesh,
@@ -79,7 +81,7 @@ class ClassificationEvaluator:
   def run(self, variables) -> dict[str, Any]:
     """Metrics over every example of the split; 'examples' is their count."""
     with self._context.activation_sharding():
-      metrics = steps.evaluate(
+      metrics = eval_step.evaluate(
         self._step,
         variables,
         self._dataset.eval_iter(self.split),

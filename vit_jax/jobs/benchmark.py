@@ -17,121 +17,19 @@ step, whatever rematerialisation recomputes.
 """
 
 import dataclasses
-import resource
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from vit_jax import loop, objectives, sharding, steps, train_state
 from vit_jax import workdir as workdir_lib
-from vit_jax.analysis import flops
-
-_CACHE_HIT = '/jax/compilation_cache/cache_hits'
-# Recorded when a compiled program is written to the persistent cache.
-_CACHE_WRITE = '/jax/compilation_cache/cache_misses'
-
-
-def host_memory_peak_bytes() -> int:
-  """Peak resident memory of this process so far (Linux: ru_maxrss in KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def device_memory(devices) -> dict[str, int | None]:
-  """Peak device memory (total and largest per device) and its limit.
-
-  Accelerators report `memory_stats()`; the CPU backend returns None, and
-  every value is None then.
-  """
-  peaks, limits = [], []
-  for device in devices:
-    stats = device.memory_stats()
-    if not stats:
-      return dict.fromkeys(('peak_bytes', 'max_device_peak_bytes',
-                            'limit_bytes'))  # fmt: skip
-    peaks.append(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', 0)))
-    limits.append(stats.get('bytes_limit', 0))
-  return {
-    'peak_bytes': sum(peaks),
-    'max_device_peak_bytes': max(peaks),
-    'limit_bytes': sum(limits) or None,
-  }
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-  return {
-    'median': statistics.median(values),
-    'min': min(values),
-    'max': max(values),
-  }
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-  """Seconds of `repeats` calls of `fn`, each waited for, after `warmup`."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def matmul_peak(dtype: str, size: int, mesh, repeats: int = 5) -> float:
-  """FLOP/s of the fastest of `repeats` (size x size) matmuls per device.
-
-  One matmul per device, with `dtype` operands and float32 accumulation
-  (`preferred_element_type`), the way the models compute.
-  """
-  num = mesh.devices.size
-  spec = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-
-  @jax.jit
-  def operands(key):
-    a, b = jax.random.normal(key, (2, num, size, size), jnp.float32)
-    return jax.lax.with_sharding_constraint(
-      (a.astype(dtype), b.astype(dtype)), spec
-    )
-
-  matmul = jax.jit(
-    lambda a, b: jnp.einsum(
-      'nij,njk->nik', a, b, preferred_element_type=jnp.float32
-    ),
-    out_shardings=spec,
-  )
-  a, b = operands(jax.random.key(0))
-  best = min(time_calls(lambda: matmul(a, b), warmup=1, repeats=repeats))
-  return 2 * num * size**3 / best
-
-
-class _CacheEvents:
-  """Counts persistent compilation cache hits and writes while active."""
-
-  def __init__(self):
-    self.hits = self.writes = 0
-
-  def __call__(self, event: str, **kwargs):
-    del kwargs
-    if event == _CACHE_HIT:
-      self.hits += 1
-    elif event == _CACHE_WRITE:
-      self.writes += 1
-
-  def __enter__(self):
-    jax.monitoring.register_event_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_listener(self)
+from vit_jax.analysis import flops, measure
 
 
 def _random_batch(config, mesh, num_classes: int) -> dict[str, jax.Array]:
@@ -158,63 +56,10 @@ def _host_to_device_seconds(batch, mesh, repeats: int = 3) -> float:
   host = jax.device_get(batch)
   batch_sharding = sharding.batch_sharding(mesh)
   return statistics.median(
-    time_calls(
+    measure.time_calls(
       lambda: jax.device_put(host, batch_sharding), warmup=1, repeats=repeats
     )
   )
-
-
-def _rates(times: list[float], batch_size: int, flops_per_step: float):
-  images = [batch_size / t for t in times]
-  return {
-    'images_per_s': _summary(images),
-    'step_s': _summary(times),
-    'flops_per_step': flops_per_step,
-    'model_flops_per_s': flops_per_step / statistics.median(times),
-  }
-
-
-def _compile(train_step, layout, batch) -> tuple[Any, dict[str, Any]]:
-  """Compiles the train step; returns it and the compilation's facts."""
-  with _CacheEvents() as cache:
-    start = time.perf_counter()
-    lowered = train_step.lower(layout.abstract, batch)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start - lower_s
-  return compiled, {
-    'lower_s': lower_s,
-    'compile_s': compile_s,
-    'total_s': lower_s + compile_s,
-    'cache_dir': jax.config.jax_compilation_cache_dir,
-    'cache_hit': cache.hits > 0,
-    'cache_written': cache.writes > 0,
-  }
-
-
-def step_memory(compiled) -> dict[str, int | None]:
-  """XLA's buffer assignment of a compiled step, per device, in bytes.
-
-  Arguments (the state and batch), outputs, temporaries (activations kept
-  for the backward pass among them) and the outputs that reuse donated
-  arguments; `total` is what the step needs at once: arguments + outputs +
-  temporaries - aliased. Known for every backend, unlike device memory
-  statistics, and without the compiler's own memory that the process peak
-  includes.
-  """
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return dict.fromkeys(('argument', 'output', 'temp', 'alias', 'total'))
-  sizes = {
-    'argument': stats.argument_size_in_bytes,
-    'output': stats.output_size_in_bytes,
-    'temp': stats.temp_size_in_bytes,
-    'alias': stats.alias_size_in_bytes,
-  }
-  sizes['total'] = (
-    sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
-  )
-  return sizes
 
 
 def _run_steps(config, setup: 'Setup', profile_dir: str | None):
@@ -234,23 +79,25 @@ def _run_steps(config, setup: 'Setup', profile_dir: str | None):
 
   batch_size = config.batch_size
   forward = setup.forward_flops * batch_size
-  times = time_calls(train_step, bench.warmup_steps, bench.steps)
-  train = _rates(times, batch_size, flops.TRAINING_FLOPS_PER_FORWARD * forward)
+  times = measure.time_calls(train_step, bench.warmup_steps, bench.steps)
+  train = measure.rates(
+    times, batch_size, flops.TRAINING_FLOPS_PER_FORWARD * forward
+  )
   train['final_loss'] = float(metrics['train_loss'])
   if bench.profile_steps and profile_dir:
     with jax.profiler.trace(profile_dir):
-      time_calls(train_step, 0, bench.profile_steps)
+      measure.time_calls(train_step, 0, bench.profile_steps)
 
   variables = state.variables()
   # The variables keep the state's shardings.
   infer = jax.jit(lambda v, images: setup.model.apply(v, images, train=False))
   images = setup.batch['images']
-  infer_times = time_calls(
+  infer_times = measure.time_calls(
     lambda: infer(variables, images), bench.warmup_steps, bench.steps
   )
   return {
     'train': train,
-    'inference': _rates(infer_times, batch_size, forward),
+    'inference': measure.rates(infer_times, batch_size, forward),
     'host_to_device_s': _host_to_device_seconds(setup.batch, setup.mesh),
   }
 
@@ -297,7 +144,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       config, task, mesh, config.benchmark.steps + 1
     )
     batch = _random_batch(config, mesh, config.num_classes)
-    compiled, compile_info = _compile(
+    compiled, compile_info = measure.compile_timed(
       training.train_step, training.layout, batch
     )
 
@@ -322,35 +169,13 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   )
 
 
-def run_benchmark(
-  config: ml_collections.ConfigDict, profile_dir: str | None = None
-) -> dict[str, Any]:
-  """Runs the benchmark of `config`; returns the results (see module doc).
-
-  Args:
-    config: a benchmark config (configs/benchmark.py).
-    profile_dir: where a `jax.profiler` trace of `benchmark.profile_steps`
-      extra training steps goes, if any.
-  """
+def _describe(config, setup: Setup, results, peak, host_baseline) -> dict:
+  """The results with what was run, where, and the memory it took."""
   bench = config.benchmark
-  host_baseline = host_memory_peak_bytes()
-  setup = build(config)
-  results: dict[str, Any] = {
-    'compile': setup.compile_info,
-    'train': None,
-    'inference': None,
-    'host_to_device_s': None,
-  }
-  peak = None
-  if not bench.compile_only:
-    results.update(_run_steps(config, setup, profile_dir))
-    peak = matmul_peak(config.model.dtype, bench.peak_matmul_size, setup.mesh)
-    for key in ('train', 'inference'):
-      results[key]['mfu'] = results[key]['model_flops_per_s'] / peak
-
   devices = setup.mesh.devices.flatten().tolist()
   params = jax.tree.leaves(setup.layout.abstract.params)
-  results.update(
+  return dict(
+    results,
     model=config.model_name,
     image_size=config.image_size,
     batch_size=config.batch_size,
@@ -371,10 +196,10 @@ def run_benchmark(
       'dtype': config.model.dtype,
     },
     memory={
-      'host_peak_bytes': host_memory_peak_bytes(),
+      'host_peak_bytes': measure.host_memory_peak_bytes(),
       'host_baseline_bytes': host_baseline,
-      'device': device_memory(devices),
-      'step_bytes': step_memory(setup.train_step),
+      'device': measure.device_memory(devices),
+      'step_bytes': measure.step_memory(setup.train_step),
     },
     backend=jax.default_backend(),
     device_kind=devices[0].device_kind,
@@ -382,7 +207,37 @@ def run_benchmark(
     process_count=jax.process_count(),
     jax_version=jax.__version__,
   )
-  return results
+
+
+def run_benchmark(
+  config: ml_collections.ConfigDict, profile_dir: str | None = None
+) -> dict[str, Any]:
+  """Runs the benchmark of `config`; returns the results (see module doc).
+
+  Args:
+    config: a benchmark config (configs/benchmark.py).
+    profile_dir: where a `jax.profiler` trace of `benchmark.profile_steps`
+      extra training steps goes, if any.
+  """
+  bench = config.benchmark
+  host_baseline = measure.host_memory_peak_bytes()
+  setup = build(config)
+  results: dict[str, Any] = {
+    'compile': setup.compile_info,
+    'train': None,
+    'inference': None,
+    'host_to_device_s': None,
+  }
+  peak = None
+  if not bench.compile_only:
+    results.update(_run_steps(config, setup, profile_dir))
+    peak = measure.matmul_peak(
+      config.model.dtype, bench.peak_matmul_size, setup.mesh
+    )
+    for key in ('train', 'inference'):
+      results[key]['mfu'] = results[key]['model_flops_per_s'] / peak
+
+  return _describe(config, setup, results, peak, host_baseline)
 
 
 def _fmt_rate(rates: dict[str, float]) -> str:

@@ -33,7 +33,8 @@ PyTree = Any
 # Model attributes settable on the command line (None keeps the registry's
 # or the description's value): the architecture of a checkpoint without a
 # description that differs from its registry entry (e.g. the digits model's
-# 4x4 patches and 4 layers), and the compute dtype.
+# 4x4 patches and 4 layers), how it computes (dtype, attention kernel) and
+# how its weights were trained (GELU, position embedding).
 MODEL_KEYS = {
   'patch_size': int,
   'hidden_size': int,
@@ -41,6 +42,11 @@ MODEL_KEYS = {
   'num_heads': int,
   'mlp_dim': int,
   'classifier': str,
+  'resnet_stages': tuple,
+  'resnet_width': float,
+  'gelu_approximate': bool,
+  'posemb': str,
+  'attention': str,
   'dtype': str,
 }
 

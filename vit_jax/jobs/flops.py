@@ -5,7 +5,7 @@
 prints and writes to DIR/flops.md and DIR/flops.json:
 - the rows of the paper's JFT results table (Table 6): model, epochs,
   forward GFLOPs per image, parameters and pretraining exaFLOPs computed
-  from each row's config, beside the paper's exaFLOPs (`flops.results_table`;
+  from each row's config, beside the paper's exaFLOPs (`compute_table.results_table`;
   `--config.table=imagenet21k` gives each config's own recipe on another
   dataset, without a paper column);
 - the analytic forward FLOPs and parameters of every registered model (or
@@ -22,7 +22,7 @@ import numpy as np
 
 from vit_jax import config_utils
 from vit_jax import workdir as workdir_lib
-from vit_jax.analysis import flops
+from vit_jax.analysis import compute_table, flops
 from vit_jax.models import list_models
 
 
@@ -68,7 +68,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(
       f'config.table={config.table!r}; use one of {sorted(config.row_configs)}.'
     )
-  table = flops.results_table(config.row_configs[config.table], config.table)
+  table = compute_table.results_table(
+    config.row_configs[config.table], config.table
+  )
   names = config_utils.names(config.models) or list_models()
   models = model_rows(names, config.image_size, config.num_classes)
   diffs = [abs(r['rel_diff']) for r in table if r['rel_diff'] is not None]
@@ -86,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else f'Pretraining compute on {config.table}'
   )
   markdown = (
-    f'## {heading}\n\n{flops.format_table(table)}\n\n'
+    f'## {heading}\n\n{compute_table.format_table(table)}\n\n'
     f'## Forward FLOPs and parameters\n\n'
     f'{format_models(models, config.image_size, config.num_classes)}\n'
   )

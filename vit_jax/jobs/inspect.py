@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from vit_jax import workdir as workdir_lib
-from vit_jax.analysis import inspection
+from vit_jax.analysis import attention_maps, inspection
 from vit_jax.jobs import common
 from vit_jax.models import VisionTransformer, shapes
 
@@ -55,6 +55,32 @@ def _num_components(params, wanted: int) -> int:
   """At most `wanted`, and no more than the filters have."""
   patch, _, channels, hidden = params['embedding']['kernel'].shape
   return min(wanted, hidden, patch * patch * channels)
+
+
+def _attention_figures(loaded, images, labels, workdir, results) -> None:
+  """Mean attention distance and, with a class token, attention rollout."""
+  config, model, variables = loaded.config, loaded.model, loaded.variables
+  distances = attention_maps.mean_attention_distance(
+    model, variables, images, config.inspect_batch_size
+  )
+  inspection.attention_distance_figure(distances, workdir / DISTANCES)
+  results['figures'].append(DISTANCES)
+  results['mean_attention_distance'] = distances
+  results['mean_attention_distance_per_layer'] = distances.mean(axis=1)
+
+  if loaded.has_class_token:
+    shown = images[: config.rollout_images]
+    maps = attention_maps.rollout_maps(
+      model, variables, shown, config.inspect_batch_size
+    )
+    inspection.rollout_figure(shown, maps, workdir / ROLLOUT)
+    results['figures'].append(ROLLOUT)
+    results['rollout_labels'] = labels[: len(shown)]
+    results['rollout_maps'] = maps
+  else:
+    results['skipped'][ROLLOUT] = (
+      f'classifier={model.classifier!r} has no class token to roll out from.'
+    )
 
 
 def inspect(loaded: common.LoadedModel, workdir: str) -> dict[str, Any]:
@@ -98,27 +124,7 @@ def inspect(loaded: common.LoadedModel, workdir: str) -> dict[str, Any]:
   )
   results['figures'].append(POSITIONS)
 
-  distances = inspection.mean_attention_distance(
-    model, variables, images, config.inspect_batch_size
-  )
-  inspection.attention_distance_figure(distances, workdir / DISTANCES)
-  results['figures'].append(DISTANCES)
-  results['mean_attention_distance'] = distances
-  results['mean_attention_distance_per_layer'] = distances.mean(axis=1)
-
-  if loaded.has_class_token:
-    shown = images[: config.rollout_images]
-    maps = inspection.rollout_maps(
-      model, variables, shown, config.inspect_batch_size
-    )
-    inspection.rollout_figure(shown, maps, workdir / ROLLOUT)
-    results['figures'].append(ROLLOUT)
-    results['rollout_labels'] = labels[: len(shown)]
-    results['rollout_maps'] = maps
-  else:
-    results['skipped'][ROLLOUT] = (
-      f'classifier={model.classifier!r} has no class token to roll out from.'
-    )
+  _attention_figures(loaded, images, labels, workdir, results)
   return results
 
 

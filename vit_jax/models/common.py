@@ -206,6 +206,21 @@ def partitioned(
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+def head(num_classes: int, bias_init: float, **kwargs) -> nn.Dense:
+  """The classification head: a zero-initialised Dense named 'head'.
+
+  Zero weights and a constant bias (e.g. -log(classes)) make the first
+  predictions the same for every image, as in the paper's code.
+  """
+  return nn.Dense(
+    num_classes,
+    kernel_init=partitioned(nn.initializers.zeros, ('embed', 'classes')),
+    bias_init=partitioned(nn.initializers.constant(bias_init), ('classes',)),
+    name='head',
+    **kwargs,
+  )
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation's sharding by logical axis names.
 

@@ -328,16 +328,10 @@ class BiTResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     if not self.num_classes:
       return x.astype(jnp.float32)
-    x = nn.Dense(
+    x = common.head(
       self.num_classes,
+      self.head_bias_init,
       dtype=dtype,
       dot_general=common.dot_general(dtype),
-      kernel_init=common.partitioned(
-        nn.initializers.zeros, ('embed', 'classes')
-      ),
-      bias_init=common.partitioned(
-        nn.initializers.constant(self.head_bias_init), ('classes',)
-      ),
-      name='head',
     )(x)
     return x.astype(jnp.float32)

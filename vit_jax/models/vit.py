@@ -263,16 +263,7 @@ class VisionTransformer(nn.Module):
       x = jnp.tanh(x)
     if not self.num_classes:
       return x
-    return nn.Dense(
-      self.num_classes,
-      kernel_init=common.partitioned(
-        nn.initializers.zeros, ('embed', 'classes')
-      ),
-      bias_init=common.partitioned(
-        nn.initializers.constant(self.head_bias_init), ('classes',)
-      ),
-      name='head',
-    )(x)
+    return common.head(self.num_classes, self.head_bias_init)(x)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vit_jax import data, steps
+from vit_jax import data, eval_step, steps
 from vit_jax.models import mpp as mpp_model
 from vit_jax.objectives.task import Task, model_from_config
 
@@ -122,7 +122,7 @@ def make_loss_fn(target: str) -> steps.LossFn:
   return loss_fn
 
 
-def make_eval_metrics(target: str) -> steps.EvalMetrics:
+def make_eval_metrics(target: str) -> eval_step.EvalMetrics:
   """Mean loss, masked-patch accuracy and the majority-colour baseline."""
 
   def sums(outputs, images, mask):
@@ -157,7 +157,7 @@ def make_eval_metrics(target: str) -> steps.EvalMetrics:
       metrics['majority_accuracy'] = majority / count
     return metrics
 
-  return steps.EvalMetrics(sums, summarize)
+  return eval_step.EvalMetrics(sums, summarize)
 
 
 def settings(mpp: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from vit_jax import models, steps
+from vit_jax import eval_step, models, steps
 from vit_jax.models.description import ModelDescription
 
 PyTree = Any
@@ -30,7 +30,7 @@ class Task:
       derived from the seed and step in training, from the seed in
       evaluation).
     eval_metrics: what evaluation reports; top-1 accuracy and mean loss
-      (`steps.classification_metrics`) by default.
+      (`eval_step.classification_metrics`) by default.
   """
 
   model: nn.Module
@@ -39,11 +39,11 @@ class Task:
   initial_variables: Callable[[], PyTree] | None = None
   target: str = 'labels'
   rng_streams: tuple[str, ...] = ()
-  eval_metrics: steps.EvalMetrics | None = None
+  eval_metrics: eval_step.EvalMetrics | None = None
 
   def __post_init__(self):
     if self.eval_metrics is None:
-      self.eval_metrics = steps.classification_metrics(self.loss_fn)
+      self.eval_metrics = eval_step.classification_metrics(self.loss_fn)
 
 
 def model_from_config(

@@ -199,6 +199,28 @@ def _check_no_empty_class(root, split_dirs, classes, labels, dirs):
         )
 
 
+def _cut_held_out(root, split_dirs, val, files, labels, bases, classes):
+  """Cuts the missing test and val splits from train (`bases` in place).
+
+  Returns:
+    The names of the splits cut.
+  """
+  held_out = [
+    s for s, d in (('test', 'test'), ('val', val)) if d not in split_dirs
+  ]
+  if held_out:
+    train = np.flatnonzero(bases == 'train')
+    bases[train] = _cut(
+      [files[i] for i in train], labels[train], classes, held_out
+    )
+    logging.info(
+      'Image folder %s: %s cut from its training images, by class.',
+      root,
+      ' and '.join(held_out),
+    )
+  return held_out
+
+
 def image_folder(
   root: str, splits: Mapping[str, SplitSpec] | None = None
 ) -> ArraySource:
@@ -227,19 +249,7 @@ def image_folder(
   labels, bases = labels[keep], dirs[keep]
   bases[bases == ''] = 'train'  # A folder of classes is all training data.
   val = next((d for d in _VAL_DIRS if d in split_dirs), None)
-  held_out = [
-    s for s, d in (('test', 'test'), ('val', val)) if d not in split_dirs
-  ]
-  if held_out:
-    train = np.flatnonzero(bases == 'train')
-    bases[train] = _cut(
-      [files[i] for i in train], labels[train], classes, held_out
-    )
-    logging.info(
-      'Image folder %s: %s cut from its training images, by class.',
-      root,
-      ' and '.join(held_out),
-    )
+  held_out = _cut_held_out(root, split_dirs, val, files, labels, bases, classes)
   # Each base split in a fixed pseudo-random order, so that a slice such as
   # 'train[90%:]' or a process's shard samples every class.
   names = [n for n in ('train', 'val', 'validation', 'test') if n in bases]
