@@ -197,7 +197,13 @@ def base() -> ml_collections.ConfigDict:
 
   # Checkpoints, evaluation and logs.
   config.init = config_dict.placeholder(str)  # checkpoint to start from
+  # Where published names (init=augreg:...) are cached; None:
+  # $VIT_JAX_WEIGHTS, else ~/.cache/vit_jax/weights.
+  config.weights_cache = config_dict.placeholder(str)
   config.export_npz = False  # also write workdir/model.npz at the end
+  # The formats exported then: 'npz' (workdir/model.npz), 'safetensors'
+  # (workdir/timm/: timm's model.safetensors and config.json), or both.
+  config.export = 'npz'
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.log_every = 50

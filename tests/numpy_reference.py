@@ -105,7 +105,9 @@ def standardize_var(w, eps=1e-8):
 
 
 def attention(p, a, x_q, x_kv):
-  """Multi-head attention with the kernels under prefix `a`."""
+  """Multi-head attention with the kernels under prefix `a` (self-attention
+  when `x_kv` is None)."""
+  x_kv = x_q if x_kv is None else x_kv
 
   def project(name, x):
     kernel, bias = p[a + name + '/kernel'], p[a + name + '/bias']
@@ -124,50 +126,52 @@ def mlp(p, m, x, gelu):
   return y @ p[m + 'Dense_1/kernel'] + p[m + 'Dense_1/bias']
 
 
-def encoder(p, x, num_layers, gelu=gelu_tanh, learned_posemb=True):
+def encoder(p, x, num_layers, gelu=gelu_tanh, learned_posemb=True, eps=1e-6):
   """Equations (2)-(4) before pooling: blocks and the final LayerNorm."""
   if learned_posemb:
     x = x + p['Transformer/posembed_input/pos_embedding']
+
+  def ln(x, name):
+    return layer_norm(x, p[name + '/scale'], p[name + '/bias'], eps)
+
   for i in range(num_layers):
     b = f'Transformer/encoderblock_{i}/'
-    y = layer_norm(x, p[b + 'LayerNorm_0/scale'], p[b + 'LayerNorm_0/bias'])
-    x = x + attention(p, b + 'MultiHeadDotProductAttention_1/', y, y)
-    y = layer_norm(x, p[b + 'LayerNorm_2/scale'], p[b + 'LayerNorm_2/bias'])
-    x = x + mlp(p, b + 'MlpBlock_3/', y, gelu)
-  return layer_norm(
-    x, p['Transformer/encoder_norm/scale'], p['Transformer/encoder_norm/bias']
-  )
+    x = x + attention(
+      p, b + 'MultiHeadDotProductAttention_1/', ln(x, b + 'LayerNorm_0'), None
+    )
+    x = x + mlp(p, b + 'MlpBlock_3/', ln(x, b + 'LayerNorm_2'), gelu)
+  return ln(x, 'Transformer/encoder_norm')
 
 
-def map_head(p, x, gelu):
+def map_head(p, x, gelu, eps=1e-6):
   """big_vision's MAPHead: a probe attends to the tokens, then x + MLP(LN(x))
   at the probe."""
   h = 'MAPHead_0/'
   probe = np.broadcast_to(p[h + 'probe'], (x.shape[0], 1, x.shape[-1]))
   x = attention(p, h + 'MultiHeadDotProductAttention_0/', probe, x)
-  y = layer_norm(x, p[h + 'LayerNorm_0/scale'], p[h + 'LayerNorm_0/bias'])
+  y = layer_norm(x, p[h + 'LayerNorm_0/scale'], p[h + 'LayerNorm_0/bias'], eps)
   return (x + mlp(p, h + 'MlpBlock_0/', y, gelu))[:, 0]
 
 
 def vit_head(
-  p, tokens, num_layers, classifier, gelu=gelu_tanh, sincos_grid=None
+  p, tokens, num_layers, classifier, gelu=gelu_tanh, sincos_grid=None, eps=1e-6
 ):
   """Position embedding, class token, encoder, pooling, pre-logits, head.
 
   With `sincos_grid` (rows, columns) the fixed sin-cos embedding is added to
   the patch tokens, before the class token is prepended; otherwise the
-  learned one is added after.
+  learned one is added after. `eps` is the LayerNorms' epsilon.
   """
   if sincos_grid is not None:
     tokens = tokens + posemb_sincos_2d(*sincos_grid, tokens.shape[-1])
   if classifier == 'token':
     cls = np.broadcast_to(p['cls'], (tokens.shape[0], 1, tokens.shape[-1]))
     tokens = np.concatenate([cls, tokens], axis=1)
-  x = encoder(p, tokens, num_layers, gelu, sincos_grid is None)
+  x = encoder(p, tokens, num_layers, gelu, sincos_grid is None, eps)
   if classifier == 'token':
     x = x[:, 0]
   elif classifier == 'map':
-    x = map_head(p, x, gelu)
+    x = map_head(p, x, gelu, eps)
   else:
     x = x.mean(1)
   if 'pre_logits/kernel' in p:
@@ -183,14 +187,16 @@ def vit(
   classifier='token',
   gelu_approximate=True,
   posemb='learn',
+  eps=1e-6,
 ):
-  """The paper's ViT on images (B, H, W, 3), with big_vision's options."""
+  """The paper's ViT on images (B, H, W, 3), with big_vision's options
+  (and Hugging Face's LayerNorm epsilon `eps`)."""
   x = conv2d(images, p['embedding/kernel'], patch, ((0, 0), (0, 0)))
   x = x + p['embedding/bias']
   grid = x.shape[1:3] if posemb == 'sincos2d' else None
   tokens = x.reshape(x.shape[0], -1, x.shape[-1])
   gelu = gelu_tanh if gelu_approximate else gelu_exact
-  return vit_head(p, tokens, num_layers, classifier, gelu, grid)
+  return vit_head(p, tokens, num_layers, classifier, gelu, grid, eps)
 
 
 def hybrid(p, images, stages, num_layers, patch=1):

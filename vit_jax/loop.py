@@ -337,8 +337,8 @@ def train_and_evaluate(
       logger.close()
   if 'preempted_at_step' not in results:
     workdir_lib.write_json(workdir, 'results.json', results)
-    if config.export_npz:
-      checkpoints.export_npz(
-        workdir, workdir / 'model.npz', ema=training.use_ema
+    if config.export_npz:  # In the formats of config.export.
+      checkpoints.export(
+        workdir, workdir, config.get('export', 'npz'), ema=training.use_ema
       )
   return results

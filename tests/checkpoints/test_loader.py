@@ -83,9 +83,9 @@ def test_a_new_resolution_resizes_the_position_embeddings():
 
 
 def test_unknown_layouts_list_what_was_tried(tmp_path):
-  (tmp_path / 'weights.bin').write_bytes(b'\x00' * 16)
+  (tmp_path / 'weights.dat').write_bytes(b'\x00' * 16)
   with pytest.raises(checkpoints.UnknownLayoutError) as e:
-    checkpoints.load(tmp_path / 'weights.bin')
+    checkpoints.load(tmp_path / 'weights.dat')
   for layout in checkpoints.LAYOUTS:
     assert f'{layout.name}: {layout.expects}' in str(e.value)
   with pytest.raises(FileNotFoundError, match='nothing_here'):

@@ -7,50 +7,43 @@ layout is one module defining its `Layout` and one entry in `LAYOUTS`.
 """
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 from etils import epath
 
-from vit_jax.checkpoints import npz, training, transfer
-from vit_jax.models import shapes
+from vit_jax.checkpoints import (
+  big_vision,
+  hugging_face,
+  infer,
+  layout,
+  npz,
+  published,
+  safetensors_file,
+  timm,
+  training,
+  transfer,
+)
+from vit_jax.checkpoints.layout import Layout, ReadOptions
+from vit_jax.models import registry, shapes
 from vit_jax.models.description import ModelDescription
 
 PyTree = Any
-Reader = Callable[
-  [epath.Path, bool], tuple[dict[str, PyTree], ModelDescription | None]
-]
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """A kind of weights file or directory.
-
-  Attributes:
-    name: what users call it.
-    expects: what a source of this layout looks like.
-    matches: whether a path is of this layout.
-    read: (path, ema) -> (host variables, description or None).
-  """
-
-  name: str
-  expects: str
-  matches: Callable[[epath.Path], bool]
-  read: Reader
-
-
-def _read_npz(path: epath.Path, ema: bool):
-  if ema:
-    raise ValueError(
-      f'{path} holds one set of weights; --config.ema applies to orbax '
-      'checkpoints (workdirs) only.'
-    )
+def _read_npz(path: epath.Path, options: ReadOptions):
+  layout.single_weights(path, options)
+  variables = npz.load_npz_variables(path)
   description_file = npz.description_path(path)
-  description = None
   if description_file.exists():
-    description = ModelDescription.read(description_file)
-  return npz.load_npz_variables(path), description
+    return variables, ModelDescription.read(description_file)
+  name, image_size = infer.name_from_file(path)
+  name = options.model_name or name
+  if not name:
+    return variables, None
+  return variables, infer.describe(
+    variables['params'], model_name=name, source=path, image_size=image_size
+  )
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -59,8 +52,9 @@ LAYOUTS: tuple[Layout, ...] = (
     expects='a workdir of this project (with checkpoints/) or a directory '
     'of numbered orbax steps',
     matches=lambda path: training.checkpoint_directory(path) is not None,
-    read=lambda path, ema: training.load_variables(path, ema=ema),
+    read=lambda path, options: training.load_variables(path, ema=options.ema),
   ),
+  big_vision.LAYOUT,
   Layout(
     name='npz',
     expects='a .npz archive in the published layout (original, AugReg, BiT '
@@ -68,6 +62,8 @@ LAYOUTS: tuple[Layout, ...] = (
     matches=lambda path: path.is_file() and path.suffix == '.npz',
     read=_read_npz,
   ),
+  timm.LAYOUT,
+  hugging_face.LAYOUT,
 )
 
 
@@ -75,51 +71,46 @@ class UnknownLayoutError(ValueError):
   """No registered layout reads a source."""
 
 
+def local_path(
+  source: str | epath.Path, weights_cache: str | None = None
+) -> epath.Path:
+  """The path of a source: itself, or the cached file of a published name."""
+  if published.is_name(source):
+    return published.resolve(str(source), weights_cache)
+  path = epath.Path(source)
+  if not path.exists():
+    raise FileNotFoundError(f'No checkpoint at {source}.')
+  return path
+
+
 def read(
-  source: str | epath.Path, ema: bool = False
+  source: str | epath.Path,
+  ema: bool = False,
+  *,
+  model_name: str | None = None,
+  weights_cache: str | None = None,
+  **overrides,
 ) -> tuple[dict[str, PyTree], ModelDescription | None]:
   """The host variables of a checkpoint, and its description if it has one.
 
   Args:
-    source: any path a registered layout reads.
+    source: any path a registered layout reads, or a published name
+      (`augreg:<file>`, `imagenet21k:<model>`; see `published`).
     ema: read the Polyak-averaged weights (orbax checkpoints).
+    model_name: the registry name, for files that do not say it.
+    weights_cache: where published files are cached.
+    **overrides: attributes the caller sets, for files whose shapes do
+      not show them (e.g. `num_heads` of a timm file without config.json).
   """
-  path = epath.Path(source)
-  if not path.exists():
-    raise FileNotFoundError(f'No checkpoint at {source}.')
-  for layout in LAYOUTS:
-    if layout.matches(path):
-      return layout.read(path, ema)
-  tried = '\n'.join(f'  {layout.name}: {layout.expects}' for layout in LAYOUTS)
+  path = local_path(source, weights_cache)
+  safetensors_file.refuse_pickles(path)
+  options = ReadOptions(ema=ema, model_name=model_name, overrides=overrides)
+  for candidate in LAYOUTS:
+    if candidate.matches(path):
+      return candidate.read(path, options)
+  tried = '\n'.join(f'  {known.name}: {known.expects}' for known in LAYOUTS)
   raise UnknownLayoutError(
     f'{source} is not a checkpoint of any known layout. Tried:\n{tried}'
-  )
-
-
-def describe(
-  variables: dict[str, PyTree],
-  model_name: str | None,
-  **overrides,
-) -> ModelDescription:
-  """The description of weights that came without one, from their shapes.
-
-  The registry name and architecture overrides come from the caller; the
-  head's classes and the representation layer's size from the parameters.
-  """
-  if not model_name:
-    raise ValueError(
-      'This checkpoint has no model description: set --config.model_name '
-      '(and any architecture overrides in --config.model).'
-    )
-  params = variables['params']
-  head = params.get(transfer.HEAD)
-  representation = params.get(transfer.REPRESENTATION)
-  if representation is not None:
-    overrides['representation_size'] = int(representation['kernel'].shape[-1])
-  return ModelDescription(
-    model_name=model_name,
-    num_classes=int(head['kernel'].shape[-1]) if head else None,
-    overrides=overrides,
   )
 
 
@@ -146,6 +137,7 @@ def load(
   model_name: str | None = None,
   ema: bool = False,
   image_size: int | None = None,
+  weights_cache: str | None = None,
   **overrides,
 ) -> Loaded:
   """Loads any checkpoint as its model, with its own head.
@@ -157,6 +149,7 @@ def load(
     ema: read the Polyak-averaged weights (orbax checkpoints).
     image_size: run at this resolution (position embeddings resized);
       default: the resolution it was trained at.
+    weights_cache: where published names are cached (`published`).
     **overrides: model attributes to set (e.g. dtype); with a description,
       the architecture must stay as it is.
 
@@ -166,10 +159,22 @@ def load(
       resolution cannot be known.
     tree.CheckpointMismatchError: the parameters do not fit the model.
   """
-  variables, description = read(source, ema)
+  variables, description = read(
+    source,
+    ema,
+    model_name=model_name,
+    weights_cache=weights_cache,
+    **overrides,
+  )
   if description is None:
-    description = describe(variables, model_name, **overrides)
-  elif model_name and model_name != description.model_name:
+    raise ValueError(
+      f'{source} has no model description and its name does not say the '
+      'model: set --config.model_name (and any architecture overrides in '
+      '--config.model).'
+    )
+  if model_name and registry.canonical_name(model_name) != (
+    description.model_name
+  ):
     raise ValueError(
       f'{source} holds {description.model_name}, not {model_name}.'
     )

@@ -165,7 +165,7 @@ def description_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path).with_suffix('.json')
 
 
-def _read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint file at {path}.')
@@ -187,7 +187,7 @@ def load_npz_variables(path: str | os.PathLike) -> dict[str, Any]:
   Blocks come back unrolled; `tree.fit_to_model` stacks them for a scanned
   model.
   """
-  flat = _read_flat(path)
+  flat = read_flat(path)
   params = {k: v for k, v in flat.items() if not k.startswith(_BATCH_STATS)}
   variables = {'params': from_published(params)}
   stats = {

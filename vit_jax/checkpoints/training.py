@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state, and their export as .npz.
+"""Orbax checkpoints of the training state (see `export` for writing weights).
 
 Saves are asynchronous, every `checkpoint_every` steps, keeping the last
 `keep` ones. Orbax writes a step into a temporary directory and renames it
@@ -16,7 +16,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vit_jax.checkpoints import npz
 from vit_jax.models.description import ModelDescription
 from vit_jax.train_state import StateLayout, TrainState
 
@@ -208,28 +207,3 @@ def load_variables(
     return variables, checkpoints.model_description(step)
   finally:
     checkpoints.close()
-
-
-def export_npz(
-  checkpoint: str | epath.Path, path: str | epath.Path, ema: bool = False
-) -> epath.Path:
-  """Writes a checkpoint's (EMA) variables as a published-layout .npz.
-
-  The model description goes beside it as `<name>.json`. Only process 0
-  writes.
-
-  Args:
-    checkpoint: a workdir with checkpoints/, or a checkpoint directory.
-    path: the .npz to write.
-    ema: export the Polyak-averaged weights.
-  """
-  variables, description = load_variables(checkpoint, ema=ema)
-  path = epath.Path(path)
-  if jax.process_index() == 0:
-    npz.save_npz(
-      path,
-      variables['params'],
-      variables.get('batch_stats'),
-      description=description,
-    )
-  return path

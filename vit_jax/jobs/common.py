@@ -5,8 +5,9 @@
   ds = loaded.dataset()  # config.dataset at the checkpoint's resolution
 
 `config.init` is anything `vit_jax.checkpoints.load` reads: a workdir or
-orbax checkpoint directory of this project, or a weights file (a published
-or exported .npz). Without a description, `config.model_name` and the
+orbax checkpoint directory of this project, a weights file (a published,
+AugReg, big_vision or exported .npz, a timm or transformers .safetensors or
+hub snapshot) or a published name (`augreg:<file>`, `imagenet21k:<model>`). Without a description, `config.model_name` and the
 `config.model` overrides name the architecture, and the resolution is read
 from the position embeddings.
 """
@@ -55,6 +56,9 @@ def default_config(job: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = job
   config.init = config_dict.placeholder(str)  # the checkpoint (required)
+  # Where published names (--config.init=augreg:...) are cached; None:
+  # $VIT_JAX_WEIGHTS, else ~/.cache/vit_jax/weights.
+  config.weights_cache = config_dict.placeholder(str)
   config.ema = False  # read the Polyak-averaged weights of an orbax checkpoint
   # Needed only for a checkpoint without a description (a bare .npz).
   config.model_name = config_dict.placeholder(str)
@@ -165,6 +169,7 @@ def load(config: ml_collections.ConfigDict) -> LoadedModel:
     model_name=config.model_name,
     ema=config.ema,
     image_size=config.image_size,
+    weights_cache=config.get('weights_cache'),
     **models.config_overrides(config.model),
   )
   config = copy.deepcopy(config)

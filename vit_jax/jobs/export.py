@@ -1,4 +1,5 @@
-"""Exports a training checkpoint as a published-layout .npz.
+"""Exports a training checkpoint as a published-layout .npz (or timm's
+safetensors: --config.export=npz,safetensors).
 
   python main.py --config=configs/export.py --config.init=WORKDIR --workdir=OUT
 
@@ -7,7 +8,6 @@ project reads back). Other tools (timm, the original code) load the .npz.
 """
 
 import ml_collections
-from etils import epath
 
 from vit_jax import checkpoints
 
@@ -15,7 +15,7 @@ from vit_jax import checkpoints
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.init:
     raise ValueError('Set --config.init to the workdir to export.')
-  path = checkpoints.export_npz(
-    config.init, epath.Path(workdir) / 'model.npz', ema=config.ema
+  paths = checkpoints.export(
+    config.init, workdir, config.get('export', 'npz'), ema=config.ema
   )
-  print(f'Wrote {path}')
+  print('Wrote', ', '.join(map(str, paths)))

@@ -55,7 +55,12 @@ def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
   if config.init == RANDOM_INIT:
     variables, description = None, None
   else:
-    variables, description = checkpoints.read(config.init)
+    variables, description = checkpoints.read(
+      config.init,
+      model_name=config.model_name,
+      weights_cache=config.get('weights_cache'),
+      **models.config_overrides(config.model),
+    )
     _check_same_model(config, description)
   overrides = description.architecture() if description else {}
   overrides.update(models.config_overrides(config.model))

@@ -17,9 +17,9 @@ LN_EPS = 1e-6
 xavier_uniform = nn.initializers.xavier_uniform()
 
 
-def layer_norm(dtype, name):
+def layer_norm(dtype, name, epsilon=LN_EPS):
   return nn.LayerNorm(
-    epsilon=LN_EPS,
+    epsilon=epsilon,
     dtype=dtype,
     scale_init=common.partitioned(nn.initializers.ones, ('embed',)),
     bias_init=common.partitioned(nn.initializers.zeros, ('embed',)),
@@ -123,11 +123,12 @@ class EncoderBlock(nn.Module):
   dtype: str = 'float32'
   attention: str = 'auto'
   gelu_approximate: bool = True
+  layer_norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x):
     dtype = common.compute_dtype(self.dtype)
-    y = layer_norm(dtype, 'LayerNorm_0')(x)
+    y = layer_norm(dtype, 'LayerNorm_0', self.layer_norm_eps)(x)
     y = MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       dropout_rate=self.attention_dropout_rate,
@@ -138,7 +139,7 @@ class EncoderBlock(nn.Module):
     )(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
     x = x + y.astype(jnp.float32)
-    y = layer_norm(dtype, 'LayerNorm_2')(x)
+    y = layer_norm(dtype, 'LayerNorm_2', self.layer_norm_eps)(x)
     y = MlpBlock(
       mlp_dim=self.mlp_dim,
       dropout_rate=self.dropout_rate,
@@ -175,6 +176,7 @@ class Encoder(nn.Module):
   attention: str = 'auto'
   gelu_approximate: bool = True
   learned_posemb: bool = True
+  layer_norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -199,6 +201,7 @@ class Encoder(nn.Module):
       dtype=self.dtype,
       attention=self.attention,
       gelu_approximate=self.gelu_approximate,
+      layer_norm_eps=self.layer_norm_eps,
     )
     if self.scan:
       scanned = nn.scan(
@@ -213,7 +216,7 @@ class Encoder(nn.Module):
       for i in range(self.num_layers):
         x = block(**block_kwargs, name=f'encoderblock_{i}')(x)
     # Float32 too: it feeds the float32 head.
-    return layer_norm(jnp.float32, 'encoder_norm')(x)
+    return layer_norm(jnp.float32, 'encoder_norm', self.layer_norm_eps)(x)
 
 
 class MAPHead(nn.Module):
@@ -230,6 +233,7 @@ class MAPHead(nn.Module):
   dtype: str = 'float32'
   attention: str = 'auto'
   gelu_approximate: bool = True
+  layer_norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x):
@@ -246,7 +250,9 @@ class MAPHead(nn.Module):
       implementation=self.attention,
       name='MultiHeadDotProductAttention_0',
     )(probe, x)
-    y = layer_norm(common.compute_dtype(self.dtype), 'LayerNorm_0')(x)
+    y = layer_norm(
+      common.compute_dtype(self.dtype), 'LayerNorm_0', self.layer_norm_eps
+    )(x)
     y = MlpBlock(
       mlp_dim=self.mlp_dim,
       dtype=self.dtype,

@@ -193,6 +193,11 @@ def _build_aliases() -> dict[str, str]:
 ALIASES = _build_aliases()
 
 
+def timm_names(name: str) -> tuple[str, ...]:
+  """timm's names of a registered model (empty if timm has none)."""
+  return _TIMM_NAMES.get(canonical_name(name), ())
+
+
 def list_models() -> list[str]:
   """Names of every registered model (aliases left out)."""
   return list(_REGISTRY)

@@ -65,6 +65,9 @@ class VisionTransformer(nn.Module):
     posemb: 'learn' (learned, one row per token, the class token's
       included) or 'sincos2d' (fixed 2-D sin-cos, not a parameter; a class
       token gets none, as in big_vision).
+    layer_norm_eps: epsilon of every LayerNorm of the encoder and MAP head
+      (1e-6 as in the published JAX code and timm; Hugging Face's ViT uses
+      1e-12).
     scan: scan over the encoder blocks (stacked parameters).
     remat_policy: rematerialisation policy of each block.
     bn_axis_name: mesh axis names over which a ViTc stem's BatchNorm averages
@@ -90,6 +93,7 @@ class VisionTransformer(nn.Module):
   attention: str = 'auto'
   gelu_approximate: bool = True
   posemb: str = 'learn'
+  layer_norm_eps: float = 1e-6
   scan: bool = False
   remat_policy: str = 'none'
   bn_axis_name: str | tuple[str, ...] | None = None
@@ -197,6 +201,7 @@ class VisionTransformer(nn.Module):
         dtype=self.dtype,
         attention=implementation,
         gelu_approximate=self.gelu_approximate,
+        layer_norm_eps=self.layer_norm_eps,
         name='MAPHead_0',
       )(x)
     return x  # 'unpooled', 'token_unpooled'
@@ -232,6 +237,7 @@ class VisionTransformer(nn.Module):
       attention=implementation,
       gelu_approximate=self.gelu_approximate,
       learned_posemb=self.posemb == 'learn',
+      layer_norm_eps=self.layer_norm_eps,
       name='Transformer',
     )(x, train=train)
 
