@@ -131,6 +131,21 @@ class Loaded:
   description: ModelDescription
 
 
+def _image_size(source, model, variables, description, wanted) -> int:
+  """The resolution asked for, else trained at, else of the posemb grid."""
+  image_size = (
+    wanted
+    or description.image_size
+    or shapes.trained_image_size(model, variables['params'])
+  )
+  if not image_size:
+    raise ValueError(
+      f'The resolution of {source} is unknown (no description and no '
+      'position embeddings); set --config.image_size.'
+    )
+  return image_size
+
+
 def load(
   source: str | epath.Path,
   *,
@@ -179,15 +194,7 @@ def load(
       f'{source} holds {description.model_name}, not {model_name}.'
     )
   model = description.build(**overrides)
-  image_size = image_size or description.image_size
-  image_size = image_size or shapes.trained_image_size(
-    model, variables['params']
-  )
-  if not image_size:
-    raise ValueError(
-      f'The resolution of {source} is unknown (no description and no '
-      'position embeddings); set --config.image_size.'
-    )
+  image_size = _image_size(source, model, variables, description, image_size)
   target = shapes.abstract_variables(model, image_size)
   return Loaded(
     model=model,
