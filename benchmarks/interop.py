@@ -1,6 +1,6 @@
-"""Checks the timm exchange against timm itself, both ways.
+"""Checks the weight exchange against timm and transformers themselves.
 
-  python benchmarks/timm_interop.py --timm_python=/tmp/timm-venv/bin/python \
+  python benchmarks/interop.py --timm_python=/tmp/timm-venv/bin/python \
       --timm_pythonpath=DIR_WITH_TORCHVISION_STUB
 
 1. This project writes each model with `checkpoints.save(...,
@@ -9,6 +9,9 @@
 2. timm writes each model with `safetensors.torch.save_file` and a
    `config.json` naming its architecture; this project loads the folder
    with `checkpoints.load` and compares logits the same way.
+3. transformers writes a small `ViTForImageClassification` with
+   `save_pretrained`; this project loads the folder (its class names too)
+   and compares logits.
 Prints one line per model and direction: max |logit difference| and the
 largest logit. The timm side runs in timm's own environment (the venv of
 benchmarks/interleave.py), as a subprocess of this script.
@@ -73,12 +76,35 @@ with torch.no_grad():
   np.save(folder + '/timm_logits.npy', model.eval()(images).numpy())
 """
 
+# Runs in that environment too: argv = (folder,); a small transformers ViT.
+_TRANSFORMERS_SIDE = """
+import sys
+import numpy as np, torch
+from transformers import ViTConfig, ViTForImageClassification
+folder = sys.argv[1]
+torch.manual_seed(0)
+labels = {0: 'cat', 1: 'dog', 2: 'eel'}
+config = ViTConfig(
+  hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+  intermediate_size=128, image_size=32, patch_size=8, num_labels=3,
+  id2label=labels, label2id={v: k for k, v in labels.items()})
+model = ViTForImageClassification(config).eval()
+with torch.no_grad():
+  for p in model.parameters():
+    p.add_(0.05 * torch.randn_like(p))
+model.save_pretrained(folder, safe_serialization=True)
+images = torch.from_numpy(np.load(folder + '/images.npy')).permute(0, 3, 1, 2)
+with torch.no_grad():
+  np.save(folder + '/timm_logits.npy', model(pixel_values=images).logits.numpy())
+"""
 
-def _timm(*args: str) -> None:
-  env = dict(os.environ, PYTHONPATH=_TIMM_PYTHONPATH.value)
-  subprocess.run(
-    [_TIMM_PYTHON.value, '-c', _TIMM_SIDE, *args], check=True, env=env
-  )
+
+def _timm(*args: str, side: str = _TIMM_SIDE) -> None:
+  # transformers imports the real torchvision's modules if it sees one, so
+  # the stand-in is only on timm's path.
+  path = _TIMM_PYTHONPATH.value if side == _TIMM_SIDE else ''
+  env = dict(os.environ, PYTHONPATH=path)
+  subprocess.run([_TIMM_PYTHON.value, '-c', side, *args], check=True, env=env)
 
 
 def _report(direction: str, name: str, ours, theirs) -> None:
@@ -146,6 +172,19 @@ def main(argv):
         loaded.model.apply(loaded.variables, images, train=False),
         np.load(os.path.join(folder, 'timm_logits.npy')),
       )
+    folder = os.path.join(root, 'from_transformers')
+    os.makedirs(folder)
+    np.save(os.path.join(folder, 'images.npy'), images[:, :32, :32])
+    _timm(folder, side=_TRANSFORMERS_SIDE)
+    # A small ViT: the registry name it is a variant of.
+    loaded = checkpoints.load(folder, model_name='ViT-Ti_16')
+    assert loaded.description.class_names == ('cat', 'dog', 'eel')
+    _report(
+      'transformers -> this project',
+      'ViTForImageClassification (D=64, 2 layers, 8 px patches, 32 px)',
+      loaded.model.apply(loaded.variables, images[:, :32, :32], train=False),
+      np.load(os.path.join(folder, 'timm_logits.npy')),
+    )
 
 
 if __name__ == '__main__':
