@@ -2,7 +2,9 @@
 
 Every process of a multi-host run computes the same results; one copy is
 written. Parent directories are created; the path is returned on every
-process.
+process. A file is written beside its destination and renamed into place,
+so that a killed job never leaves half a file (results.json marks a
+finished run).
 """
 
 import json
@@ -31,7 +33,9 @@ def write_text(workdir: str | epath.Path, name: str, text: str) -> epath.Path:
   path = epath.Path(workdir) / name
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    tmp = path.parent / f'.{path.name}.tmp'
+    tmp.write_text(text)
+    tmp.replace(path)
   return path
 
 

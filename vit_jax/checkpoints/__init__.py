@@ -9,6 +9,10 @@
   and its export; `tree`: block layouts and fitting shared by all.
 """
 
+from vit_jax.checkpoints.faults import (
+  CheckpointRestoreError,
+  CheckpointSaveError,
+)
 from vit_jax.checkpoints.loader import (
   LAYOUTS,
   Layout,
@@ -35,6 +39,8 @@ from vit_jax.models.description import ModelDescription
 __all__ = [
   'LAYOUTS',
   'CheckpointMismatchError',
+  'CheckpointRestoreError',
+  'CheckpointSaveError',
   'Layout',
   'Loaded',
   'ModelDescription',
