@@ -224,6 +224,8 @@ def _train(config, task, ds, state, log_window, train_step, evals,
     return results
 
   def save(step, pending):
+    # Records up to a checkpoint's step are never redone after a resume.
+    logger.flush()
     run_guards.save_if_finite(
       step, state, task.description, pending, state_checkpoints
     )

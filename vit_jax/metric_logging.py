@@ -24,7 +24,7 @@ def _replace(path: epath.Path, write) -> None:
   """Rewrites a file through `write(temporary path)` and an atomic rename."""
   tmp = path.parent / f'.{path.name}.tmp'
   write(tmp)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
@@ -62,7 +62,7 @@ def _truncate_events(workdir: epath.Path, last_step: int) -> None:
       r for r in records if event_pb2.Event.FromString(r).step <= last_step
     ]
     # A TFRecord is its bytes and 16 of framing; more is a torn record.
-    intact = path.stat().st_size == sum(len(r) + 16 for r in records)
+    intact = path.stat().length == sum(len(r) + 16 for r in records)
     if len(kept) == len(records) and intact:
       continue
 
@@ -158,6 +158,11 @@ class MetricLogger:
       step,
       ' | '.join(f'{k} {float(v):.4g}' for k, v in metrics.items()),
     )
+
+  def flush(self) -> None:
+    """Hands buffered TensorBoard events to the OS (a kill keeps them)."""
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
     if self._writer is not None:

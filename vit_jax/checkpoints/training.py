@@ -89,6 +89,9 @@ class StateCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def model_description(self, step: int | None = None) -> ModelDescription:
     """The model description saved with a step (the latest by default)."""
     step = self.latest_step() if step is None else step
@@ -156,7 +159,7 @@ class StateCheckpoints:
       CheckpointRestoreError: no step restores; nothing was moved.
     """
     failures = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    for step in reversed(self.all_steps()):
       try:
         saved = self.model_description(step)
       except Exception as e:  # Whatever fails, the step does not restore.
@@ -218,7 +221,14 @@ class StateCheckpoints:
     items = {
       STATE: ocp.args.StandardSave(state),
       MODEL: ocp.args.JsonSave(description.to_json()),
-      LOG_WINDOW: ocp.args.JsonSave({'steps': list(log_window)}),
+      LOG_WINDOW: ocp.args.JsonSave(
+        {
+          'steps': [
+            [int(s), {k: float(v) for k, v in metrics.items()}]
+            for s, metrics in log_window
+          ]
+        }
+      ),
     }
     try:
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
