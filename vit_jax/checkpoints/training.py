@@ -158,6 +158,7 @@ class StateCheckpoints:
       WorkdirMismatchError: the checkpoints are of another model.
       CheckpointRestoreError: no step restores; nothing was moved.
     """
+    faults.drop_echoes_of_a_failed_read()
     failures = []
     for step in reversed(self.all_steps()):
       try:
@@ -169,7 +170,6 @@ class StateCheckpoints:
       try:
         restored = self.restore(layout, step)
       except Exception as e:  # Whatever fails, the step does not restore.
-        faults.drop_closed_loop_reports()
         failures.append((step, e))
         continue
       for bad_step, error in failures:
@@ -346,13 +346,13 @@ def load_variables(
       'a directory of numbered steps).'
     )
   checkpoints = StateCheckpoints(directory, read_only=True)
+  faults.drop_echoes_of_a_failed_read()
   try:
     step = checkpoints.latest_step() if step is None else step
     try:
       variables = checkpoints.restore_variables(step, ema)
       return variables, checkpoints.model_description(step)
     except (OSError, ValueError, KeyError, AttributeError) as e:
-      faults.drop_closed_loop_reports()
       raise faults.CheckpointRestoreError(
         f'Step {step} of {directory} does not restore '
         f'({type(e).__name__}: {e}). Rerunning training in its workdir moves '
