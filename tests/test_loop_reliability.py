@@ -185,7 +185,7 @@ def test_rerunning_a_finished_run_changes_nothing(interrupted):  # item 2
   before = workdir_files(workdir)
   rerun = run_main(workdir)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert 'holds a finished run' in rerun.stderr
+  assert 'holds a finished run of this config' in rerun.stderr
   assert workdir_files(workdir) == before
 
 
@@ -221,10 +221,13 @@ def test_a_finished_sweep_rerun_changes_nothing(tmp_path):  # item 2
   before = workdir_files(tmp_path)
   assert finetune.run(config, str(tmp_path)) == table
   assert workdir_files(tmp_path) == before
-  # A finished fine-tune on its own, too.
-  final = finetune.train(config, str(tmp_path / 'final'))
-  assert final['eval_accuracy'] == table['test_accuracy']
-  assert workdir_files(tmp_path) == before
+  # Each finished fine-tune of the sweep on its own, too (the final one
+  # exported its model).
+  (tmp_path / 'results.json').unlink()
+  assert finetune.run(config, str(tmp_path)) == table
+  after = workdir_files(tmp_path)
+  changed = {p.name for p in before if after.get(p) != before[p]}
+  assert changed == {'results.json', 'results.md'}
 
 
 @pytest.mark.parametrize(

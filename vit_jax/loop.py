@@ -60,16 +60,26 @@ NonFiniteLossError = run_guards.NonFiniteLossError
 NonFiniteStateError = run_guards.NonFiniteStateError
 
 
-def finished_results(workdir: str | epath.Path) -> dict[str, Any] | None:
+def finished_results(
+  workdir: str | epath.Path, config: ml_collections.ConfigDict | None = None
+) -> dict[str, Any] | None:
   """The results of the finished run in `workdir`; None if there is none.
 
   results.json is written last, after the export, so it exists only once
-  every part of the run is done.
+  every part of the run is done. With `config`, only a run of that same
+  config counts: another one (more steps, another model) goes on to resume
+  or to be refused as usual.
   """
-  path = epath.Path(workdir) / RESULTS
-  if not path.exists():
+  workdir = epath.Path(workdir)
+  if not (workdir / RESULTS).exists():
     return None
-  return json.loads(path.read_text())
+  if config is not None:
+    recorded = workdir / workdir_lib.CONFIG
+    if not recorded.exists() or json.loads(recorded.read_text()) != json.loads(
+      config.to_json_best_effort()
+    ):
+      return None
+  return json.loads((workdir / RESULTS).read_text())
 
 
 def total_steps(config: ml_collections.ConfigDict, ds: data.Dataset) -> int:
@@ -303,11 +313,11 @@ def train_and_evaluate(
   """
   config_checks.validate(config)
   workdir = epath.Path(workdir)
-  finished = finished_results(workdir)
+  finished = finished_results(workdir, config)
   if finished is not None:
     logging.info(
-      '%s holds a finished run (%s): nothing to do. Use a new --workdir to '
-      'train again.',
+      '%s holds a finished run of this config (%s): nothing to do. Use a new '
+      '--workdir to train again.',
       workdir,
       workdir / RESULTS,
     )

@@ -46,10 +46,11 @@ def write_json(workdir: str | epath.Path, name: str, value: Any) -> epath.Path:
   )
 
 
+CONFIG = 'config.json'
+
+
 def write_config(
   workdir: str | epath.Path, config: ml_collections.ConfigDict
 ) -> epath.Path:
   """Records the resolved config as workdir/config.json."""
-  return write_text(
-    workdir, 'config.json', config.to_json_best_effort(indent=2)
-  )
+  return write_text(workdir, CONFIG, config.to_json_best_effort(indent=2))
