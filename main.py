@@ -5,6 +5,12 @@ the command line (`--config.batch_size=256`). On several hosts, processes
 launched on a Cloud TPU pod, by Slurm's `srun` or by Open MPI's `mpirun`
 find each other; elsewhere pass --coordinator_address, --num_processes and
 --process_id to every process (vit_jax/distributed.py).
+
+Exit status: 0 when the job is done (or was already done: a finished
+workdir is left as it is); 75 (EX_TEMPFAIL of sysexits.h) when SIGTERM
+stopped training after saving a checkpoint, so that a scheduler restarts it
+and the rerun resumes; 1 on an error, with its cause (an invalid config is
+reported before any work, naming the key).
 """
 
 import importlib
@@ -15,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import distributed, metric_logging
+from vit_jax import config_checks, distributed, loop, metric_logging
 
 # config.job -> vit_jax.jobs.<job>, whose `run(config, workdir)` does it.
 JOBS = (
@@ -30,6 +36,9 @@ JOBS = (
   'predict',
   'flops',
 )
+
+# sysexits.h's EX_TEMPFAIL: stopped by SIGTERM with a checkpoint; rerun.
+EXIT_PREEMPTED = 75
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -57,6 +66,10 @@ def main(argv):
     raise app.UsageError(
       f'config.job={config.job!r}; use one of {sorted(JOBS)}.'
     )
+  try:
+    config_checks.validate(config)
+  except config_checks.ConfigError as e:
+    sys.exit(str(e))  # Status 1; the keys to fix, without a traceback.
   # Before jax initialises its CPU backend, which reads XLA_FLAGS.
   distributed.set_cpu_collective_timeout()
   metric_logging.quiet_library_logs()
@@ -73,7 +86,15 @@ def main(argv):
     jax.default_backend(),
   )
   job = importlib.import_module(f'vit_jax.jobs.{config.job}')
-  job.run(config, FLAGS.workdir)
+  results = job.run(config, FLAGS.workdir)
+  if isinstance(results, dict) and loop.PREEMPTED in results:
+    logging.warning(
+      'Exiting with status %d (EX_TEMPFAIL): stopped by SIGTERM at step %d, '
+      'which is saved. Rerun the same command to resume.',
+      EXIT_PREEMPTED,
+      results[loop.PREEMPTED],
+    )
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

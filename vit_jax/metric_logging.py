@@ -2,7 +2,10 @@
 
 Only process 0 writes. `metrics.jsonl` in the workdir holds one object per
 logged step, e.g. {"step": 100, "train_loss": 0.41, "learning_rate": 0.001};
-TensorBoard event files go to the same workdir.
+TensorBoard event files go to the same workdir. A run resumed from a
+checkpoint first drops the records of later steps (written before it was
+stopped, and about to be redone), so that both hold what an uninterrupted
+run would.
 """
 
 import json
@@ -10,9 +13,65 @@ import time
 from typing import Any
 
 import jax
+import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 from etils import epath
+from tensorboard.compat.proto import event_pb2
+
+
+def _replace(path: epath.Path, write) -> None:
+  """Rewrites a file through `write(temporary path)` and an atomic rename."""
+  tmp = path.parent / f'.{path.name}.tmp'
+  write(tmp)
+  tmp.replace(path)
+
+
+def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
+  """Keeps the records of steps <= last_step (and drops a torn last line)."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # Cut short by a kill; never complete.
+      continue
+    if record['step'] <= last_step:
+      kept.append(line)
+  if kept != lines:
+    _replace(path, lambda tmp: tmp.write_text(''.join(kept)))
+
+
+def _read_records(path: epath.Path) -> list[bytes]:
+  records = []
+  try:
+    for record in tf.data.TFRecordDataset(str(path)):
+      records.append(record.numpy())
+  except tf.errors.DataLossError:  # A last record cut short by a kill.
+    pass
+  return records
+
+
+def _truncate_events(workdir: epath.Path, last_step: int) -> None:
+  """Keeps the TensorBoard events of steps <= last_step."""
+  for path in workdir.glob('events.out.tfevents.*'):
+    records = _read_records(path)
+    kept = [
+      r for r in records if event_pb2.Event.FromString(r).step <= last_step
+    ]
+    # A TFRecord is its bytes and 16 of framing; more is a torn record.
+    intact = path.stat().length == sum(len(r) + 16 for r in records)
+    if len(kept) == len(records) and intact:
+      continue
+
+    def write(tmp, kept=kept):
+      with tf.io.TFRecordWriter(str(tmp)) as writer:
+        for record in kept:
+          writer.write(record)
+
+    _replace(path, write)
 
 
 def _format_duration(seconds: float) -> str:
@@ -36,13 +95,20 @@ class MetricLogger:
     self._num_devices = jax.device_count()
     self._last_time = time.perf_counter()
     self._last_step: int | None = None
-    self._jsonl = epath.Path(workdir) / 'metrics.jsonl'
-    self._writer = (
-      metric_writers.SummaryWriter(workdir) if self._is_writer else None
-    )
+    self._workdir = epath.Path(workdir)
+    self._jsonl = self._workdir / 'metrics.jsonl'
+    self._writer = None
 
   def start(self, step: int) -> None:
-    """Marks the start of timed training at `step` (after a resume too)."""
+    """Starts logging from `step` (0, or the step a run resumed from).
+
+    Records of later steps, left by a run that was stopped after writing
+    them, are dropped first.
+    """
+    if self._is_writer:
+      _truncate_jsonl(self._jsonl, step)
+      _truncate_events(self._workdir, step)
+      self._writer = metric_writers.SummaryWriter(str(self._workdir))
     self._last_step = step
     self._last_time = time.perf_counter()
 
@@ -92,6 +158,11 @@ class MetricLogger:
       step,
       ' | '.join(f'{k} {float(v):.4g}' for k, v in metrics.items()),
     )
+
+  def flush(self) -> None:
+    """Hands buffered TensorBoard events to the OS (a kill keeps them)."""
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
     if self._writer is not None:

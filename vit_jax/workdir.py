@@ -2,7 +2,9 @@
 
 Every process of a multi-host run computes the same results; one copy is
 written. Parent directories are created; the path is returned on every
-process.
+process. A file is written beside its destination and renamed into place,
+so that a killed job never leaves half a file (results.json marks a
+finished run).
 """
 
 import json
@@ -35,7 +37,9 @@ def write_text(workdir: str | epath.Path, name: str, text: str) -> epath.Path:
   path = epath.Path(workdir) / name
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    tmp = path.parent / f'.{path.name}.tmp'
+    tmp.write_text(text)
+    tmp.replace(path)
   return path
 
 
@@ -46,13 +50,14 @@ def write_json(workdir: str | epath.Path, name: str, value: Any) -> epath.Path:
   )
 
 
+CONFIG = 'config.json'
+
+
 def write_config(
   workdir: str | epath.Path, config: ml_collections.ConfigDict
 ) -> epath.Path:
   """Records the resolved config as workdir/config.json."""
-  return write_text(
-    workdir, 'config.json', config.to_json_best_effort(indent=2)
-  )
+  return write_text(workdir, CONFIG, config.to_json_best_effort(indent=2))
 
 
 def record_split_files(

@@ -208,7 +208,7 @@ def test_unreadable_files_fail_clearly(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint file'):
     checkpoints.load_npz(tmp_path / 'missing.npz')
   (tmp_path / 'bad.npz').write_bytes(b'not a zip file')
-  with pytest.raises(ValueError, match='not a readable'):
+  with pytest.raises(ValueError, match=r'not a \.npz checkpoint: it is a text'):
     checkpoints.load_npz(tmp_path / 'bad.npz')
 
 

@@ -134,7 +134,7 @@ def test_sigkill_then_restart_ends_like_an_uninterrupted_run(
 
 def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
   code, output = start_and_stop(tmp_path, signal.SIGTERM, after_step=40)
-  assert code == 0, output[-3000:]
+  assert code == 75, output[-3000:]  # EX_TEMPFAIL: restart to resume
   assert 'Stopped at step' in output
   stopped = checkpoints.StateCheckpoints(
     tmp_path / 'checkpoints', read_only=True
@@ -197,10 +197,12 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     pretrain.run(config, str(tmp_path))
   bad_step = int(re.search(r'at step (\d+)', str(e.value)).group(1))
   assert bad_step > 1
-  assert 'last good' in str(e.value)
+  assert 'last good' in str(e.value) or 'no checkpoint is left' in str(e.value)
+  # The parameters of step bad_step - 1 gave the bad loss: moved aside.
   saved = checkpoints.StateCheckpoints(tmp_path / 'checkpoints', read_only=True)
-  assert saved.latest_step() == bad_step - 1
+  assert (saved.latest_step() or 0) < bad_step - 1
   saved.close()
+  assert (tmp_path / 'checkpoints' / f'{bad_step - 1}.diverged').is_dir()
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,10 @@
 """
 
 from vit_jax.checkpoints.export import FORMATS, export, export_npz, save
+from vit_jax.checkpoints.faults import (
+  CheckpointRestoreError,
+  CheckpointSaveError,
+)
 from vit_jax.checkpoints.loader import (
   LAYOUTS,
   Layout,
@@ -43,6 +47,8 @@ __all__ = [
   'FORMATS',
   'LAYOUTS',
   'CheckpointMismatchError',
+  'CheckpointRestoreError',
+  'CheckpointSaveError',
   'Layout',
   'Loaded',
   'ModelDescription',

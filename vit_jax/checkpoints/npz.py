@@ -14,6 +14,8 @@ Batch statistics (only the ViTc stem has any) are stored under a
 """
 
 import os
+import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,7 +154,7 @@ def save_npz(
   tmp = path.parent / f'.{path.name}.tmp'
   with tmp.open('wb') as f:
     np.savez(f, **flat)
-  tmp.rename(path)
+  tmp.replace(path)  # Overwrites an earlier export (a rerun's).
   if isinstance(description, Mapping):
     description = ModelDescription.from_json(description)
   if description is not None:
@@ -165,17 +167,40 @@ def description_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path).with_suffix('.json')
 
 
+def _not_an_archive(head: bytes) -> str:
+  """What a file that is no zip archive seems to be, from its first bytes."""
+  if not head:
+    return 'it is empty'
+  if head.startswith(b'\x80'):
+    return (
+      'it holds pickled Python objects, which are never loaded (unpickling '
+      'can run any code)'
+    )
+  if head.startswith(b'\x93NUMPY'):
+    return 'it is a single .npy array, not an archive of named parameters'
+  if all(32 <= byte < 127 or byte in b'\t\r\n' for byte in head):
+    return 'it is a text file'
+  return f'it does not start like a zip archive (first bytes {head[:8]!r})'
+
+
 def read_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint file at {path}.')
+  with path.open('rb') as f:
+    head = f.read(64)
+  if not head.startswith(b'PK'):
+    raise ValueError(
+      f'{path} is not a .npz checkpoint: {_not_an_archive(head)}. Expected a '
+      'zip archive of .npy arrays (numpy.savez).'
+    )
   try:
     with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
       return {key: data[key] for key in data.files}
-  except (ValueError, OSError, EOFError) as e:
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     raise ValueError(
-      f'{path} is not a readable .npz checkpoint ({e}). Re-download or '
-      're-export it.'
+      f'{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}); '
+      'a truncated or corrupted file reads so. Re-download or re-export it.'
     ) from e
 
 

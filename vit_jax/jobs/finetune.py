@@ -158,6 +158,10 @@ def _run_config(config, changes: dict[str, Any]):
 def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The paper's protocol: select the learning rate on 'val', test once."""
   workdir = epath.Path(workdir)
+  finished = loop.finished_results(workdir)
+  if finished is not None:
+    logging.info('The sweep in %s has finished: nothing to do.', workdir)
+    return finished
   scores = {}
   for lr in config.lr_grid:
     run = _run_config(config, {

@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from vit_jax import loop
 from vit_jax import workdir as workdir_lib
 from vit_jax.data import presets
 from vit_jax.jobs import finetune
@@ -68,6 +69,10 @@ def format_table(model: str, accuracies: dict[str, float]) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = epath.Path(workdir)
+  finished = loop.finished_results(workdir)
+  if finished is not None:
+    logging.info('VTAB in %s has finished: nothing to do.', workdir)
+    return finished
   tasks = list(config.vtab_tasks) or list(presets.VTAB_TASKS)
   accuracies = {}
   for task in tasks:

@@ -121,12 +121,16 @@ class ModelDescription:
     path = epath.Path(path)
     try:
       value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # Not JSON, or not even text.
       raise DescriptionError(
-        f'{path} is not valid JSON ({e}); delete it and pass '
-        '--config.model_name, or re-export the checkpoint.'
+        f'{path} is not valid JSON ({type(e).__name__}: {e}); delete it and '
+        'pass --config.model_name, or re-export the checkpoint.'
       ) from e
     return cls.from_json(value, source=str(path))
 
   def write(self, path: str | os.PathLike) -> None:
-    epath.Path(path).write_text(json.dumps(self.to_json(), indent=2))
+    """Writes beside `path` and renames: a kill never leaves half a file."""
+    path = epath.Path(path)
+    tmp = path.parent / f'.{path.name}.tmp'
+    tmp.write_text(json.dumps(self.to_json(), indent=2))
+    tmp.replace(path)
