@@ -218,6 +218,10 @@ def _train(config, task, ds, state, log_window, train_step, evals,
 
   Logging windows end at multiples of `log_every`; `log_window` holds the
   metrics of the current window's steps done before a resume.
+
+  Over 60 lines on purpose: the order of the per-step checks (log, NaN,
+  evaluate, save, SIGTERM) is what makes a resume exact, and it reads best
+  in one piece; the small closures share the state the loop advances.
   """
   use_ema = config.ema_decay > 0
 
