@@ -84,3 +84,4 @@ class _FakeDataset:
 
   def __init__(self, num_classes):
     self.num_classes = num_classes
+    self.class_names = None

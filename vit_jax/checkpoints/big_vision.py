@@ -18,6 +18,8 @@ supported); no `pos_embedding` is the fixed 'sincos2d'.
 """
 
 import re
+import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -40,7 +42,7 @@ def matches(path: epath.Path) -> bool:
   try:
     with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
       keys = set(data.files)
-  except (ValueError, OSError, EOFError):
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
     return False  # The npz layout reports an unreadable file.
   prefix = _prefix(keys)
   if prefix is None or prefix + 'Transformer/posembed_input' in {
