@@ -67,7 +67,7 @@ def test_dense_conv_count_matches_published_gmacs(name, published_gmacs):
 @pytest.mark.parametrize(
   ('name', 'published'),
   [
-    # checkpoint-format.md, exact counts of the released models (1000
+    # Exact parameter counts of the released models (1000
     # classes, 224x224).
     ('ViT-Ti_16', 5_717_416),
     ('ViT-S_16', 22_050_664),

@@ -21,7 +21,7 @@ def tiny_vit(**overrides):
 
 
 def published_vit_keys(depth, representation=False):
-  """The key list of checkpoint-format.md, written out independently."""
+  """The published key list, written out independently."""
   keys = {
     'embedding/kernel', 'embedding/bias', 'cls',
     'Transformer/posembed_input/pos_embedding',

@@ -28,8 +28,7 @@ from vit_jax.analysis.flops import (
 from vit_jax.models import config_overrides, model_spec
 
 # The exaFLOPs column of Table 6 of Dosovitskiy et al., "An Image is Worth
-# 16x16 Words" (ICLR 2021), keyed by (model name, JFT epochs); copied from
-# /work/shared/docs/paper-tables.md.
+# 16x16 Words" (ICLR 2021), keyed by (model name, JFT epochs).
 PAPER_EXAFLOPS = {
   ('ViT-B_32', 7): 55,
   ('ViT-B_16', 7): 224,

@@ -1,6 +1,6 @@
 """Compute accounting: forward FLOPs and parameter counts.
 
-Counting convention (the paper's, paper-facts §9):
+Counting convention (the paper's):
 - Only multiply-adds of matrix products and convolutions are counted, and a
   multiply-add is 2 FLOPs. Normalisations, activations, softmax, pooling,
   bias and residual additions are left out (under 1% of a ViT's forward
