@@ -226,9 +226,11 @@ def main(argv):
   try:
     for worker in workers:
       worker.wait_ready()
+    loads = []
     for _ in range(_STEPS.value):
       for worker in workers:
         worker.step()
+      loads.append(os.getloadavg()[0])
   finally:
     for worker in workers:
       worker.close()
@@ -256,6 +258,12 @@ def main(argv):
       f'| {worker.name} | {statistics.median(rates):.2f} | '
       f'{min(rates):.2f}-{max(rates):.2f} | {ratio} | {memory} |'
     )
+  # Other processes' load slows timm's threads (which wait for each other)
+  # more than XLA's: a run whose load exceeds the cores says little.
+  lines.append(
+    f'\nLoad average (1 min) during the run: {min(loads):.1f}-'
+    f'{max(loads):.1f} on {os.cpu_count()} cores.'
+  )
   print('\n'.join(lines))
 
 
