@@ -37,13 +37,24 @@ _TIMM_MODEL = flags.DEFINE_string(
 _BATCH = flags.DEFINE_integer('batch', 8, 'Batch size.')
 _RES = flags.DEFINE_integer('res', 224, 'Image size.')
 _STEPS = flags.DEFINE_integer('steps', 15, 'Timed steps of each worker.')
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'inference'],
+  'What each worker times: a training step or the inference forward pass.',
+)
 _SETTINGS = flags.DEFINE_string(
   'settings',
   'model.dtype=bfloat16;model.dtype=float32',
   "This project's settings: ';'-separated lists of ','-separated config "
   'overrides.',
 )
-_TIMM_DTYPES = flags.DEFINE_list('timm_dtypes', ['bf16', 'fp32'], 'timm runs.')
+_TIMM_DTYPES = flags.DEFINE_list(
+  'timm_dtypes',
+  ['bf16', 'fp32'],
+  'timm runs: bf16 (autocast), fp32, and for inference bf16w (the model '
+  'converted to bfloat16 once).',
+)
 _TIMM_PYTHON = flags.DEFINE_string(
   'timm_python', '/tmp/timm-venv/bin/python', "timm's interpreter."
 )
@@ -60,6 +71,32 @@ _OVERRIDES = flags.DEFINE_list('overrides', [], "A project worker's setting.")
 _TIMM_DTYPES_OF = {'bfloat16': 'bf16', 'float32': 'fp32'}
 
 
+def _project_train_step(config):
+  """The benchmark job's compiled training step, as a closure."""
+  from vit_jax.jobs import benchmark
+
+  setup = benchmark.build(config)
+  state = setup.new_state()
+
+  def step():
+    nonlocal state
+    state, metrics = setup.train_step(state, setup.batch)
+    return state, metrics
+
+  return step
+
+
+def _project_inference_step(config):
+  """The benchmark job's jitted inference forward pass, as a closure."""
+  import jax
+
+  from vit_jax.jobs import benchmark
+
+  model, variables, images = benchmark.inference_setup(config)
+  infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return lambda: infer(variables, images)
+
+
 def project_worker():
   """This project's step, one per 'step' line of stdin (see timm_worker).
 
@@ -71,7 +108,6 @@ def project_worker():
 
   from configs import benchmark as benchmark_config
   from vit_jax.analysis import measure
-  from vit_jax.jobs import benchmark
 
   config = benchmark_config.get_config(_MODEL.value)
   config.batch_size = _BATCH.value
@@ -79,18 +115,18 @@ def project_worker():
   config.update_from_flattened_dict(
     dict((k, _parse(v)) for k, v in (o.split('=', 1) for o in _OVERRIDES.value))
   )
-  setup = benchmark.build(config)
-  state = setup.new_state()
+  make = _project_train_step if _MODE.value == 'train' else (
+    _project_inference_step
+  )  # fmt: skip
+  step = make(config)
   for _ in range(2):
-    state, metrics = setup.train_step(state, setup.batch)
-  jax.block_until_ready(metrics)
+    jax.block_until_ready(step())
   print(f'ready {config.model.dtype}', flush=True)
   for line in sys.stdin:
     if line.strip() != 'step':
       break
     start = time.perf_counter()
-    state, metrics = setup.train_step(state, setup.batch)
-    jax.block_until_ready((state, metrics))
+    jax.block_until_ready(step())
     print(time.perf_counter() - start, flush=True)
   print(f'peak_bytes {measure.host_memory_peak_bytes()}', flush=True)
 
@@ -147,7 +183,7 @@ class Worker:
 
 def _workers() -> list[Worker]:
   common = [f'--model={_MODEL.value}', f'--batch={_BATCH.value}',
-            f'--res={_RES.value}']  # fmt: skip
+            f'--res={_RES.value}', f'--mode={_MODE.value}']  # fmt: skip
   workers = []
   for setting in _SETTINGS.value.split(';'):
     workers.append(
@@ -190,16 +226,19 @@ def main(argv):
   try:
     for worker in workers:
       worker.wait_ready()
+    loads = []
     for _ in range(_STEPS.value):
       for worker in workers:
         worker.step()
+      loads.append(os.getloadavg()[0])
   finally:
     for worker in workers:
       worker.close()
   batch = _BATCH.value
   timm = {w.name.split()[-1]: w for w in workers if w.name.startswith('timm')}
   lines = [
-    f'| {_MODEL.value}, batch {batch}, {_RES.value} px | img/s median | '
+    f'| {_MODEL.value} {_MODE.value}, batch {batch}, {_RES.value} px | '
+    'img/s median | '
     'min-max | vs timm, same dtype | peak host GiB |',
     '|---|---|---|---|---|',
   ]
@@ -219,6 +258,12 @@ def main(argv):
       f'| {worker.name} | {statistics.median(rates):.2f} | '
       f'{min(rates):.2f}-{max(rates):.2f} | {ratio} | {memory} |'
     )
+  # Other processes' load slows timm's threads (which wait for each other)
+  # more than XLA's: a run whose load exceeds the cores says little.
+  lines.append(
+    f'\nLoad average (1 min) during the run: {min(loads):.1f}-'
+    f'{max(loads):.1f} on {os.cpu_count()} cores.'
+  )
   print('\n'.join(lines))
 
 

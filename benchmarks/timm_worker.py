@@ -1,9 +1,13 @@
-"""timm's ViT training step as an interleaving worker (timm's environment).
+"""timm's ViT as an interleaving worker (timm's environment).
 
-The usual timm training step (forward, cross-entropy, backward,
-global-norm clipping at 1, SGD with momentum 0.9 on random 224x224 inputs),
-run one at a time on request: after its warm-up it prints 'ready', then
-runs one step per 'step' line read from stdin and prints its seconds.
+--mode=train: the usual timm training step (forward, cross-entropy,
+backward, global-norm clipping at 1, SGD with momentum 0.9 on random
+inputs). --mode=inference: the forward pass of the `.eval()` model in
+`torch.inference_mode()`. --dtype: fp32; bf16, float32 weights under
+bfloat16 autocast (which re-casts the weights on every call); bf16w
+(inference only), the model converted once with `.to(torch.bfloat16)`.
+After its warm-up it prints 'ready', then runs one step per 'step' line
+read from stdin and prints its seconds.
 """
 
 import argparse
@@ -16,35 +20,58 @@ import torch
 import torch.nn.functional as F
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--model', default='vit_base_patch16_224')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--res', type=int, default=224)
-  parser.add_argument('--dtype', choices=['fp32', 'bf16'], default='bf16')
-  args = parser.parse_args()
-  torch.manual_seed(0)
-  model = timm.create_model(
-    args.model, act_layer='gelu_tanh', num_classes=1000, img_size=args.res
-  ).train()
-  opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
-  x = torch.randn(args.batch, 3, args.res, args.res)
-  y = torch.randint(0, 1000, (args.batch,))
-  if args.dtype == 'bf16':
+def _autocast(dtype: str):
+  if dtype == 'bf16':
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+  return contextlib.nullcontext()
 
-    def autocast():
-      return torch.autocast('cpu', dtype=torch.bfloat16)
-  else:
-    autocast = contextlib.nullcontext
+
+def train_step(model, x, dtype: str):
+  y = torch.randint(0, 1000, (x.shape[0],))
+  opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+  model.train()
 
   def step():
     opt.zero_grad(set_to_none=True)
-    with autocast():
+    with _autocast(dtype):
       loss = F.cross_entropy(model(x), y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
+  return step
+
+
+def inference_step(model, x, dtype: str):
+  model.eval()
+  if dtype == 'bf16w':
+    model.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+
+  def step():
+    with torch.inference_mode(), _autocast(dtype):
+      return model(x)
+
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--model', default='vit_base_patch16_224')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--res', type=int, default=224)
+  parser.add_argument('--dtype', choices=['fp32', 'bf16', 'bf16w'])
+  parser.add_argument('--mode', choices=['train', 'inference'])
+  args = parser.parse_args()
+  if args.mode == 'train' and args.dtype == 'bf16w':
+    parser.error('--dtype=bf16w is for --mode=inference only.')
+  torch.manual_seed(0)
+  model = timm.create_model(
+    args.model, act_layer='gelu_tanh', num_classes=1000, img_size=args.res
+  )
+  x = torch.randn(args.batch, 3, args.res, args.res)
+  make = train_step if args.mode == 'train' else inference_step
+  step = make(model, x, args.dtype)
   for _ in range(2):
     step()
   print(

@@ -43,4 +43,7 @@ def get_config(arg: str = 'ViT-B_16') -> ml_collections.ConfigDict:
   config.benchmark.compile_only = False
   # Extra steps traced with jax.profiler into <workdir>/profile.
   config.benchmark.profile_steps = 0
+  # '' times inference with the trained float32 parameters; 'bfloat16'
+  # casts the kernels once beforehand (vit_jax.models.common.cast_kernels).
+  config.benchmark.inference_kernel_dtype = ''
   return config

@@ -226,3 +226,37 @@ def test_bfloat16_training_step_products_are_bfloat16():
   # Per block: 6 dense and 2 attention products forward, 12 and 4 backward,
   # plus the row sum; 2 blocks and the head's 3.
   assert len(dots) == 2 * 25 + 3
+
+
+def test_kernels_cast_once_give_the_same_bfloat16_forward():
+  """Pre-cast kernels remove the per-call casts, not a bit of the result."""
+  config = benchmark_config.get_config('ViT-B_16')
+  config.model.update(patch_size=4, **TINY_VIT)
+  config.num_classes = 10
+  config.image_size = 16
+  config.batch_size = 2
+  model, variables, images = benchmark.inference_setup(config)
+  cast = common.cast_kernels(variables, 'bfloat16')
+  dtypes = jax.tree_util.tree_flatten_with_path(
+    jax.tree.map(lambda x: x.dtype, cast)
+  )[0]
+  for path, dtype in dtypes:
+    is_kernel = path[-1].key == 'kernel'
+    assert dtype == (jnp.bfloat16 if is_kernel else jnp.float32), path
+  assert sum(path[-1].key == 'kernel' for path, _ in dtypes) > 8
+
+  def forward(v):
+    return model.apply(v, images, train=False)
+
+  expected, got = jax.jit(forward)(variables), jax.jit(forward)(cast)
+  assert got.dtype == expected.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  converts = jax.jit(forward).lower(cast).compile().as_text().count('convert')
+  assert converts < jax.jit(forward).lower(variables).compile().as_text().count(
+    'convert'
+  )
+
+
+def test_cast_kernels_names_a_bad_dtype():
+  with pytest.raises(ValueError, match='float16'):
+    common.cast_kernels({'kernel': jnp.zeros(2)}, 'float16')

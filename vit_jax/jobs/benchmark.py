@@ -7,7 +7,8 @@ config's optimizer: SGD with momentum by default) on random images and
 labels already on the devices, compiles it (timing the compilation and
 noting whether the persistent compilation cache served it), runs warm-up
 steps and then times `benchmark.steps` steps one by one; then the same for
-the inference forward pass. A large matmul in the compute dtype with float32
+the inference forward pass (with `benchmark.inference_kernel_dtype=bfloat16`
+on kernels cast once beforehand, see `common.cast_kernels`). A large matmul in the compute dtype with float32
 accumulation, timed in the same run, gives the peak that MFU is taken
 against. Prints a table and writes `benchmark.json` to the workdir.
 
@@ -17,10 +18,12 @@ step, whatever rematerialisation recomputes.
 """
 
 import dataclasses
+import functools
 import statistics
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -30,6 +33,7 @@ from jax.sharding import Mesh
 from vit_jax import loop, objectives, sharding, steps, train_state
 from vit_jax import workdir as workdir_lib
 from vit_jax.analysis import flops, measure
+from vit_jax.models import common
 
 
 def _random_batch(config, mesh, num_classes: int) -> dict[str, jax.Array]:
@@ -88,8 +92,8 @@ def _run_steps(config, setup: 'Setup', profile_dir: str | None):
     with jax.profiler.trace(profile_dir):
       measure.time_calls(train_step, 0, bench.profile_steps)
 
-  variables = state.variables()
   # The variables keep the state's shardings.
+  variables = _inference_variables(config, state.variables())
   infer = jax.jit(lambda v, images: setup.model.apply(v, images, train=False))
   images = setup.batch['images']
   infer_times = measure.time_calls(
@@ -100,6 +104,31 @@ def _run_steps(config, setup: 'Setup', profile_dir: str | None):
     'inference': measure.rates(infer_times, batch_size, forward),
     'host_to_device_s': _host_to_device_seconds(setup.batch, setup.mesh),
   }
+
+
+def _inference_variables(config, variables):
+  """The variables inference runs with: kernels cast once if so configured."""
+  kernel_dtype = config.benchmark.get('inference_kernel_dtype', '')
+  if not kernel_dtype:
+    return variables
+  return jax.jit(functools.partial(common.cast_kernels, dtype=kernel_dtype))(
+    variables
+  )
+
+
+def inference_setup(config: ml_collections.ConfigDict):
+  """The model, random variables and images for timing inference alone.
+
+  No training step is built: for comparing forward passes (e.g.
+  benchmarks/interleave.py --mode=inference) without its compilation.
+  Returns (model, variables, images) on the default device.
+  """
+  model, _ = objectives.model_from_config(config, config.num_classes)
+  mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+  images = _random_batch(config, mesh, config.num_classes)['images']
+  init = jax.jit(lambda key: model.init(key, images, train=False))
+  variables = nn.meta.unbox(init(jax.random.key(config.seed)))
+  return model, _inference_variables(config, variables), images
 
 
 @dataclasses.dataclass

@@ -41,6 +41,27 @@ def compute_dtype(name: str | Dtype) -> Dtype:
   return jnp.dtype(name)
 
 
+def cast_kernels(variables: Any, dtype: str | Dtype) -> Any:
+  """`variables` with every matmul/convolution kernel cast to `dtype`, once.
+
+  For inference in bfloat16: the products round their operands to the
+  compute dtype on every call, so float32 kernels cost a cast (a read of the
+  float32 kernel, a write of its bfloat16 copy) per kernel per forward pass,
+  about 0.5 GB of memory traffic for ViT-B/16 on a CPU. Kernels cast
+  beforehand make those casts no-ops. Biases, LayerNorm scales and
+  embeddings stay as they are (float32), so the results do not change:
+  the products see the same bfloat16 kernels either way. Not for training,
+  whose updates need the float32 kernels.
+  """
+  dtype = compute_dtype(dtype)
+
+  def cast(path, leaf):
+    name = getattr(path[-1], 'key', None)
+    return leaf.astype(dtype) if name == 'kernel' else leaf
+
+  return jax.tree_util.tree_map_with_path(cast, variables)
+
+
 def _dot_operand_grads(g, lhs, rhs, dimension_numbers):
   """The cotangents of both operands of a dot_general, in float32.
 
