@@ -6,6 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+
+from vit_jax import data
 
 # main.py's flag for the session's compilation cache (see conftest.py).
 COMPILATION_CACHE_FLAG = (
@@ -13,6 +16,36 @@ COMPILATION_CACHE_FLAG = (
 )
 
 TINY_VIT = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2)
+
+# main.py's overrides of configs/digits.py for a tiny ViT on 8x8 digits, fast
+# enough to train many times; each test adds its steps and periods.
+TINY_DIGITS = {
+  'model.hidden_size': 32,
+  'model.mlp_dim': 64,
+  'model.num_heads': 2,
+  'model.num_layers': 2,
+  'image_size': 8,
+  'batch_size': 32,
+  'eval_batch_size': 64,
+}
+
+
+def small_data_config(**overrides):
+  """The data keys for 8x8 images, plain resizing, small batches."""
+  config = data.default_config()
+  config.image_size = 8
+  config.batch_size = 8
+  config.eval_batch_size = 64
+  config.pp.train_crop = 'resize'
+  config.pp.flip = False
+  config.update(overrides)
+  return config
+
+
+def write_png(path, value):
+  """An 8x8 PNG of one grey value, its folders created."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
 
 
 def abstract_params(model, image_size, batch=1):

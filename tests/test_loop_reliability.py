@@ -22,7 +22,7 @@ from tensorboard.compat.proto import event_pb2
 
 from configs import common
 from configs import digits as digits_config
-from helpers import COMPILATION_CACHE_FLAG
+from helpers import COMPILATION_CACHE_FLAG, TINY_DIGITS
 from vit_jax import (
   checkpoints,
   config_checks,
@@ -37,13 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny model on 8x8 digits; evaluations and checkpoints mid-run, and
 # logging windows that a checkpoint or a SIGTERM can cut.
 TINY = {
-  'model.hidden_size': 32,
-  'model.mlp_dim': 64,
-  'model.num_heads': 2,
-  'model.num_layers': 2,
-  'image_size': 8,
-  'batch_size': 32,
-  'eval_batch_size': 64,
+  **TINY_DIGITS,
   'total_steps': 60,
   'log_every': 5,
   'checkpoint_every': 20,

@@ -12,19 +12,14 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from helpers import TINY_DIGITS
 from vit_jax import checkpoints
 from vit_jax.jobs import pretrain
 from vit_jax.models.description import DescriptionError
 
 # A tiny model on 8x8 digits, checkpointed at steps 5 and 10.
 TINY = {
-  'model.hidden_size': 32,
-  'model.mlp_dim': 64,
-  'model.num_heads': 2,
-  'model.num_layers': 2,
-  'image_size': 8,
-  'batch_size': 32,
-  'eval_batch_size': 64,
+  **TINY_DIGITS,
   'total_steps': 10,
   'log_every': 5,
   'checkpoint_every': 5,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from sklearn import datasets as sk_datasets
 
+from helpers import small_data_config, write_png
 from vit_jax import data, sharding
 
 
@@ -19,20 +20,7 @@ def mesh():
 
 
 def _config(dataset, **overrides):
-  config = data.default_config()
-  config.dataset = str(dataset)
-  config.image_size = 8
-  config.batch_size = 8
-  config.eval_batch_size = 64
-  config.pp.train_crop = 'resize'
-  config.pp.flip = False
-  config.update(overrides)
-  return config
-
-
-def _write_png(path, value):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+  return small_data_config(dataset=str(dataset), **overrides)
 
 
 def _pixels(ds, split):
@@ -112,7 +100,7 @@ def test_held_out_splits_are_deterministic(digits_folder, mesh, tmp_path):
   # image in one class leaves the other classes' splits alone.
   copy = tmp_path / 'copy'
   shutil.copytree(root, copy)
-  _write_png(copy / '3' / '9999.png', 5)
+  write_png(copy / '3' / '9999.png', 5)
   moved = data.get_dataset(_config(copy), mesh).split_files()
   for split in ('train', 'val', 'test'):
     assert [f for f in moved[split] if not f.startswith('3/')] == [
@@ -123,7 +111,7 @@ def test_held_out_splits_are_deterministic(digits_folder, mesh, tmp_path):
 def test_tiny_classes_keep_a_training_image(tmp_path, mesh):
   for name, n in (('one', 1), ('two', 2), ('three', 3), ('many', 25)):
     for i in range(n):
-      _write_png(tmp_path / name / f'{i}.png', i)
+      write_png(tmp_path / name / f'{i}.png', i)
   files = data.get_dataset(_config(tmp_path), mesh).split_files()
   for name, n in (('one', 1), ('two', 2), ('three', 3), ('many', 25)):
     sizes = {
@@ -142,9 +130,9 @@ def test_tiny_classes_keep_a_training_image(tmp_path, mesh):
 def test_split_folders_cut_only_what_is_missing(tmp_path, mesh):
   for i in range(10):
     for name in ('a', 'b'):
-      _write_png(tmp_path / 'train' / name / f'{i}.png', i)
+      write_png(tmp_path / 'train' / name / f'{i}.png', i)
   for name in ('a', 'b'):
-    _write_png(tmp_path / 'test' / name / 'x.png', 100)
+    write_png(tmp_path / 'test' / name / 'x.png', 100)
   ds = data.get_dataset(_config(tmp_path), mesh)
   # train/ and test/: val is 1 of each class's 10 training images.
   sizes = [ds.num_examples(s) for s in ('train', 'val', 'test', 'train_full')]
@@ -152,7 +140,7 @@ def test_split_folders_cut_only_what_is_missing(tmp_path, mesh):
   assert ds.split_files()['test'] == ['test/a/x.png', 'test/b/x.png']
 
   for name in ('a', 'b'):
-    _write_png(tmp_path / 'validation' / name / 'v.png', 200)
+    write_png(tmp_path / 'validation' / name / 'v.png', 200)
   shutil.rmtree(tmp_path / 'test')
   ds = data.get_dataset(_config(tmp_path), mesh)
   # train/ and validation/: test is cut, and train_full is train/ alone.
@@ -165,7 +153,7 @@ def test_unreadable_files_are_skipped_and_named(tmp_path, mesh, caplog):
   for split, n in (('train', 3), ('test', 2)):
     for label, name in enumerate(('cat', 'dog')):
       for i in range(n):
-        _write_png(tmp_path / split / name / f'{i}.png', 40 * label + i)
+        write_png(tmp_path / split / name / f'{i}.png', 40 * label + i)
   broken = tmp_path / 'train' / 'dog' / 'broken.jpg'
   broken.write_bytes(b'this is not a jpeg')
   truncated_png = tmp_path / 'test' / 'cat' / 'truncated.png'
@@ -236,7 +224,7 @@ def test_images_decode_as_pil_shows_them(tmp_path, mesh):
 
 
 def test_empty_class_folders_are_errors(tmp_path, mesh):
-  _write_png(tmp_path / 'a' / '0.png', 1)
+  write_png(tmp_path / 'a' / '0.png', 1)
   (tmp_path / 'b').mkdir()
   with pytest.raises(ValueError, match=f"class folder '{tmp_path}/b' has no"):
     data.get_dataset(_config(tmp_path), mesh)
@@ -252,19 +240,19 @@ def test_layout_errors(tmp_path, mesh):
   with pytest.raises(ValueError, match='has no class folders'):
     data.get_dataset(_config(tmp_path), mesh)
 
-  _write_png(tmp_path / 'train' / 'a' / '0.png', 1)
-  _write_png(tmp_path / 'extra' / 'a' / '0.png', 1)
+  write_png(tmp_path / 'train' / 'a' / '0.png', 1)
+  write_png(tmp_path / 'extra' / 'a' / '0.png', 1)
   with pytest.raises(ValueError, match=r"mixes split folders \['train'\]"):
     data.get_dataset(_config(tmp_path), mesh)
   shutil.rmtree(tmp_path / 'extra')
 
-  _write_png(tmp_path / 'train' / 'b' / '0.png', 2)
-  _write_png(tmp_path / 'test' / 'a' / '0.png', 3)
-  _write_png(tmp_path / 'test' / 'c' / '0.png', 4)
+  write_png(tmp_path / 'train' / 'b' / '0.png', 2)
+  write_png(tmp_path / 'test' / 'a' / '0.png', 3)
+  write_png(tmp_path / 'test' / 'c' / '0.png', 4)
   with pytest.raises(ValueError, match=r"only in train/: \['b'\].*\['c'\]"):
     data.get_dataset(_config(tmp_path), mesh)
   shutil.rmtree(tmp_path / 'test' / 'c')
-  _write_png(tmp_path / 'test' / 'b' / '0.png', 4)
+  write_png(tmp_path / 'test' / 'b' / '0.png', 4)
   with pytest.raises(ValueError, match=r'config\.splits\.val'):
     data.get_dataset(_config(tmp_path, splits={'val': 'validation'}), mesh)
 

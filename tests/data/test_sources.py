@@ -3,15 +3,14 @@
 Image folders are tested in test_data_folders.py.
 """
 
-import os
 import time
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 from sklearn import datasets as sk_datasets
 
+from helpers import small_data_config
 from vit_jax import data, sharding
 from vit_jax.data import presets, sources
 
@@ -19,22 +18,6 @@ from vit_jax.data import presets, sources
 @pytest.fixture(scope='module')
 def mesh():
   return sharding.create_mesh(data=8, model=1)
-
-
-def _config(**overrides):
-  config = data.default_config()
-  config.image_size = 8
-  config.batch_size = 8
-  config.eval_batch_size = 64
-  config.pp.train_crop = 'resize'
-  config.pp.flip = False
-  config.update(overrides)
-  return config
-
-
-def _write_png(path, value):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
 
 
 def _eval_images(ds, split):
@@ -45,7 +28,7 @@ def _eval_images(ds, split):
 
 
 def test_digits_is_the_real_scikit_learn_data(mesh):
-  ds = data.get_dataset(_config(), mesh)
+  ds = data.get_dataset(small_data_config(), mesh)
   assert ds.num_classes == 10
   assert ds.class_names == [str(d) for d in range(10)]
   assert ds.num_examples('train_full') + ds.num_examples('test') == 1797
@@ -76,7 +59,9 @@ def test_digits_is_the_real_scikit_learn_data(mesh):
 def test_missing_tfds_data_fails_fast_and_says_how_to_prepare(tmp_path, mesh):
   start = time.monotonic()
   with pytest.raises(data.DatasetNotPreparedError) as error:
-    data.get_dataset(_config(dataset='cifar10', data_dir=str(tmp_path)), mesh)
+    data.get_dataset(
+      small_data_config(dataset='cifar10', data_dir=str(tmp_path)), mesh
+    )
   assert time.monotonic() - start < 10
   message = str(error.value)
   assert "'cifar10'" in message and str(tmp_path) in message
@@ -93,16 +78,18 @@ def test_missing_tfds_data_fails_fast_and_says_how_to_prepare(tmp_path, mesh):
 )
 def test_unknown_dataset_names_close_presets(mesh, name, suggestion):
   with pytest.raises(ValueError, match=f'Unknown dataset.*{suggestion}'):
-    data.get_dataset(_config(dataset=name), mesh)
+    data.get_dataset(small_data_config(dataset=name), mesh)
 
 
 def test_batch_sizes_must_divide_over_devices_and_processes(mesh):
   with pytest.raises(ValueError, match="8 devices of the mesh's 'data'"):
-    data.get_dataset(_config(batch_size=12), mesh)
+    data.get_dataset(small_data_config(batch_size=12), mesh)
   with pytest.raises(ValueError, match='eval_batch_size=60'):
-    data.get_dataset(_config(eval_batch_size=60), mesh)
+    data.get_dataset(small_data_config(eval_batch_size=60), mesh)
   with pytest.raises(ValueError, match='not divisible by the 3 processes'):
-    data.get_dataset(_config(), mesh, process_index=0, process_count=3)
+    data.get_dataset(
+      small_data_config(), mesh, process_index=0, process_count=3
+    )
 
 
 def test_vtab_splits_on_real_split_sizes():

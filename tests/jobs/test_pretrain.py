@@ -14,7 +14,7 @@ import pytest
 
 from configs import common
 from configs import digits as digits_config
-from helpers import COMPILATION_CACHE_FLAG
+from helpers import COMPILATION_CACHE_FLAG, TINY_DIGITS
 from vit_jax import checkpoints, loop
 from vit_jax.jobs import pretrain
 
@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A tiny model on 8x8 digits: fast enough to run many times.
 TINY = {
-  'model.hidden_size': 32,
-  'model.mlp_dim': 64,
-  'model.num_heads': 2,
-  'model.num_layers': 2,
-  'image_size': 8,
-  'batch_size': 32,
-  'eval_batch_size': 64,
+  **TINY_DIGITS,
   'total_steps': 240,
   'log_every': 1,
   'checkpoint_every': 40,
