@@ -145,6 +145,8 @@ def base() -> ml_collections.ConfigDict:
   config.model.resnet_width = config_dict.placeholder(float)
   # 'auto', 'xla', 'cudnn' or 'product' (see vit_jax/models/attention.py).
   config.model.attention = config_dict.placeholder(str)
+  # Dense products: 'auto', 'xla' or 'onednn' (see vit_jax/models/common.py).
+  config.model.matmul = config_dict.placeholder(str)
   # Weights trained elsewhere: exact GELU (False: timm, Hugging Face) and
   # big_vision's 'sincos2d' position embedding or classifier='map'.
   config.model.gelu_approximate = config_dict.placeholder(bool)

@@ -8,6 +8,7 @@ environment that sees this one's packages but not the repository.
 
 import email
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from vit_jax.kernels import onednn as kernels_onednn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,8 @@ import vit_jax, vit_jax.models
 print(vit_jax.__file__)
 print(len(vit_jax.models.list_models()))
 print(importlib.util.find_spec('configs'))
+import vit_jax.kernels.onednn
+print(vit_jax.kernels.onednn.problem())
 """
 
 
@@ -100,10 +105,14 @@ def import_elsewhere(python, tmp_path):
   """Imports vit_jax from a directory that has no vit_jax/ nor configs/."""
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
-  env = {'PATH': '/usr/bin:/bin', 'JAX_PLATFORMS': 'cpu'}  # no PYTHONPATH
+  env = {  # no PYTHONPATH
+    'PATH': '/usr/bin:/bin',
+    'JAX_PLATFORMS': 'cpu',
+    'VIT_JAX_KERNEL_CACHE': os.environ['VIT_JAX_KERNEL_CACHE'],
+  }
   lines = run([python, '-c', IMPORT_CHECK], cwd=elsewhere, env=env)
-  module_file, model_count, configs = lines.strip().splitlines()[-3:]
-  return Path(module_file), int(model_count), configs
+  module_file, model_count, configs, onednn = lines.strip().splitlines()[-4:]
+  return Path(module_file), int(model_count), configs, onednn
 
 
 def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
@@ -129,17 +138,23 @@ def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
     (metadata_name,) = [n for n in names if n.endswith('.dist-info/METADATA')]
     metadata = email.message_from_bytes(archive.read(metadata_name))
 
-  # Every module of vit_jax and its subpackages, and only those.
+  # Every module of vit_jax and its subpackages (and the custom call's C++
+  # source, compiled where it runs), and only those.
   sources = {
-    p.relative_to(source).as_posix() for p in source.glob('vit_jax/**/*.py')
+    p.relative_to(source).as_posix()
+    for pattern in ('vit_jax/**/*.py', 'vit_jax/kernels/*.cc')
+    for p in source.glob(pattern)
   }
+  assert 'vit_jax/kernels/onednn_matmul.cc' in sources
   packaged = {n for n in names if not n.split('/')[0].endswith('.dist-info')}
   assert packaged == sources
   assert any(n.endswith('.dist-info/licenses/LICENSE') for n in names)
 
   assert metadata['Name'] == 'vit_jax'
   assert metadata['License-Expression'] == 'Apache-2.0'
-  assert {'cuda', 'tpu', 'test'} <= set(metadata.get_all('Provides-Extra'))
+  assert {'cuda', 'cpu', 'tpu', 'test'} <= set(
+    metadata.get_all('Provides-Extra')
+  )
   requires = metadata.get_all('Requires-Dist')
   assert any(
     r.startswith('jax[cuda13]') and 'extra == "cuda"' in r for r in requires
@@ -150,12 +165,18 @@ def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
   assert any(
     r.startswith('pytest') and 'extra == "test"' in r for r in requires
   )
+  assert any(
+    r.startswith('onednn-cpu-gomp') and 'extra == "cpu"' in r for r in requires
+  )
 
   python, site_packages = install(wheel, tmp_path)
-  module_file, model_count, configs = import_elsewhere(python, tmp_path)
+  module_file, model_count, configs, onednn = import_elsewhere(python, tmp_path)
   assert module_file == site_packages / 'vit_jax' / '__init__.py'
   assert model_count > 20  # ViT, hybrids, BiT and ViTc rows
   assert configs == 'None'  # configs/ stays in the repository
+  # The installed custom call's source compiles against the oneDNN wheels
+  # of the environment, wherever they are.
+  assert onednn == str(kernels_onednn.problem())
 
 
 def test_editable_install_imports_from_the_checkout(source, tmp_path):
@@ -172,7 +193,7 @@ def test_editable_install_imports_from_the_checkout(source, tmp_path):
   )
   (wheel,) = (tmp_path / 'dist').glob('vit_jax-*.whl')
   python, _ = install(wheel, tmp_path)
-  module_file, model_count, configs = import_elsewhere(python, tmp_path)
+  module_file, model_count, configs, _ = import_elsewhere(python, tmp_path)
   assert module_file == source / 'vit_jax' / '__init__.py'
   assert model_count > 20
   assert configs == 'None'

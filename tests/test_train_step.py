@@ -12,6 +12,7 @@ import pytest
 from configs import common
 from helpers import TINY_VIT, randomize
 from vit_jax import checkpoints, models, optim, sharding, steps, train_state
+from vit_jax.kernels import onednn
 
 NUM_CLASSES = 10
 
@@ -45,13 +46,14 @@ def initial_variables(model):
 
 def one_step(
   mesh_shape, strategy='dp', kind='jit', accum_steps=1, optimizer='sgd',
-  dropout=0.0, ema_decay=0.0, num_steps=1,
+  dropout=0.0, ema_decay=0.0, num_steps=1, matmul='auto',
 ):  # fmt: skip
   devices = jax.devices()[: math.prod(mesh_shape)]
   mesh = sharding.create_mesh(*mesh_shape, devices=devices)
   model = models.get_model(
-    'ViT-B_16', NUM_CLASSES, patch_size=4, dropout_rate=dropout, **TINY_VIT
-  )
+    'ViT-B_16', NUM_CLASSES, patch_size=4, dropout_rate=dropout,
+    matmul=matmul, **TINY_VIT,
+  )  # fmt: skip
   config = optimizer_config(optimizer)
   schedule = optim.learning_rate_schedule(config.lr, 100)
   tx = optim.make_optimizer(config.optimizer, schedule)
@@ -118,6 +120,19 @@ def test_sharded_step_equals_single_device(reference, mesh_shape, strategy):
 def test_shard_map_step_equals_single_device(reference):
   ref_state, ref_losses, _ = reference
   state, losses, _ = one_step((8, 1), kind='shard_map')
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_same_update(state, ref_state)
+
+
+@pytest.mark.skipif(
+  onednn.problem() is not None, reason='oneDNN matmul unavailable'
+)
+@pytest.mark.parametrize(
+  'mesh_shape, kind', [((1, 1), 'jit'), ((8, 1), 'jit'), ((8, 1), 'shard_map')]
+)
+def test_onednn_step_equals_xla_step(reference, mesh_shape, kind):
+  ref_state, ref_losses, _ = reference
+  state, losses, _ = one_step(mesh_shape, kind=kind, matmul='onednn')
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert_same_update(state, ref_state)
 

@@ -3,6 +3,10 @@
 import functools
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,10 +15,13 @@ import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from helpers import TINY_VIT
+from helpers import COMPILATION_CACHE_FLAG, TINY_VIT
 from vit_jax import models
 from vit_jax.jobs import benchmark
+from vit_jax.kernels import onednn
 from vit_jax.models import common, vit
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')
@@ -98,6 +105,7 @@ def test_machine_memory_and_setting_fields(results):
   assert results['model'] == 'ViT-B_16'
   assert (results['image_size'], results['batch_size']) == (16, 8)
   assert results['dtype'] == 'bfloat16'
+  assert results['matmul'] == 'xla'  # 'auto' with 8 devices
   assert results['optimizer'] == 'sgd'
   assert results['ema_decay'] == 0.0
   assert results['step'] == 'jit'
@@ -132,7 +140,7 @@ def test_polyak_averaging_is_part_of_the_benchmarked_step():
 def test_table_lists_the_rates(results):
   table = benchmark.format_table(results)
   assert 'train img/s' in table and 'inference img/s' in table
-  assert 'MFU' in table
+  assert 'MFU' in table and 'matmul=xla' in table
 
 
 # ----------------------------------------------------------------------------
@@ -260,3 +268,49 @@ def test_kernels_cast_once_give_the_same_bfloat16_forward():
 def test_cast_kernels_names_a_bad_dtype():
   with pytest.raises(ValueError, match='float16'):
     common.cast_kernels({'kernel': jnp.zeros(2)}, 'float16')
+
+
+@pytest.mark.skipif(
+  onednn.problem() is not None, reason='oneDNN matmul unavailable'
+)
+def test_one_cpu_device_with_bfloat16_runs_onednn_backward_products(
+  tmp_path,
+):
+  # main.py as a user runs it: one CPU device (no forced host devices).
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
+    '--xla_force_host_platform_device_count=8', ''
+  )
+  overrides = {
+    'model.patch_size': 4,
+    **{f'model.{k}': v for k, v in TINY_VIT.items()},
+    'num_classes': 10,
+    'image_size': 16,
+    'batch_size': 8,
+    'benchmark.warmup_steps': 1,
+    'benchmark.steps': 2,
+    'benchmark.peak_matmul_size': 256,
+  }
+  run = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / 'main.py'),
+      f'--config={ROOT / "configs/benchmark.py"}:ViT-B_16',
+      f'--workdir={tmp_path}',
+      COMPILATION_CACHE_FLAG,
+      *(f'--config.{k}={v}' for k, v in overrides.items()),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+    check=False,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  written = json.loads((tmp_path / 'benchmark.json').read_text())
+  assert written['device_count'] == 1 and written['matmul'] == 'onednn_backward'
+  assert math.isfinite(written['train']['final_loss'])
+  assert (
+    "ViT dense products (matmul='auto'): onednn_backward (bfloat16 on one "
+    'CPU device).' in run.stderr
+  )

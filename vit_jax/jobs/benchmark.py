@@ -198,6 +198,12 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   )
 
 
+def _matmul(model) -> str:
+  """Who ran the encoder's dense products (`common.resolve_matmul`)."""
+  option = getattr(model, 'matmul', 'xla')  # BiT ResNets: XLA's always.
+  return common.resolve_matmul(option, model.dtype)[0]
+
+
 def _describe(config, setup: Setup, results, peak, host_baseline) -> dict:
   """The results with what was run, where, and the memory it took."""
   bench = config.benchmark
@@ -210,6 +216,7 @@ def _describe(config, setup: Setup, results, peak, host_baseline) -> dict:
     batch_size=config.batch_size,
     num_classes=config.num_classes,
     dtype=config.model.dtype,
+    matmul=_matmul(setup.model),
     scan=bool(config.model.scan),
     remat_policy=config.model.remat_policy,
     sharding=config.sharding,
@@ -277,8 +284,9 @@ def format_table(results: dict[str, Any]) -> str:
   """The results as a small plain-text table."""
   rows = [
     ('model', f'{results["model"]} {results["image_size"]}px, batch '
-              f'{results["batch_size"]}, {results["dtype"]}, scan='
-              f'{results["scan"]}, remat={results["remat_policy"]}'),
+              f'{results["batch_size"]}, {results["dtype"]}, matmul='
+              f'{results["matmul"]}, scan={results["scan"]}, '
+              f'remat={results["remat_policy"]}'),
     ('devices', f'{results["device_count"]} x {results["device_kind"]} '
                 f'({results["backend"]}), {results["sharding"]} '
                 f'mesh {results["mesh"]}'),

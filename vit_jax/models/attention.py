@@ -215,6 +215,7 @@ class HeadProjection(nn.Module):
   bias_axes: tuple[str, ...]
   dtype: str = 'float32'
   output_dtype: str | None = None
+  matmul: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -237,12 +238,15 @@ class HeadProjection(nn.Module):
       tuple(range(self.num_input_dims)),
     )
     dimension_numbers = (contract, ((), ()))
-    if dtype == jnp.float32:
+    if (
+      dtype == jnp.float32
+      and common.resolve_matmul(self.matmul, dtype)[0] == 'xla'
+    ):
       y = jax.lax.dot_general(x, kernel, dimension_numbers)
     else:
       # The float32 kernel goes in uncast: its gradient stays float32.
       y = common.mixed_dot_general(
-        x, kernel, dimension_numbers, dtype, jnp.float32
+        x, kernel, dimension_numbers, dtype, jnp.float32, self.matmul
       )
     return (y + bias).astype(self.output_dtype or dtype)
 
@@ -263,6 +267,7 @@ class MultiHeadDotProductAttention(nn.Module):
   deterministic: bool = True
   dtype: str = 'float32'
   implementation: str = 'auto'
+  matmul: str = 'auto'
 
   @nn.compact
   def __call__(self, x, inputs_kv=None):
@@ -281,6 +286,7 @@ class MultiHeadDotProductAttention(nn.Module):
       kernel_axes=('embed', 'heads', 'kv'),
       bias_axes=('heads', 'kv'),
       dtype=self.dtype,
+      matmul=self.matmul,
     )
     head_axes = ('batch', 'length', 'act_heads', 'act_kv')
     query = common.constrain(projection(name='query')(x), head_axes)
@@ -310,6 +316,7 @@ class MultiHeadDotProductAttention(nn.Module):
       bias_axes=('embed',),
       dtype=self.dtype,
       output_dtype='float32',
+      matmul=self.matmul,
       name='out',
     )(out)
 

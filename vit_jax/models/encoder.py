@@ -77,6 +77,7 @@ class MlpBlock(nn.Module):
   deterministic: bool = True
   dtype: str = 'float32'
   gelu_approximate: bool = True
+  matmul: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -92,7 +93,7 @@ class MlpBlock(nn.Module):
     x = nn.Dense(
       self.mlp_dim,
       dtype=None,
-      dot_general=common.dot_general(dtype, jnp.float32),
+      dot_general=common.dot_general(dtype, jnp.float32, self.matmul),
       kernel_init=common.partitioned(xavier_uniform, ('embed', 'mlp')),
       bias_init=common.partitioned(nn.initializers.normal(1e-6), ('mlp',)),
       name='Dense_0',
@@ -104,7 +105,7 @@ class MlpBlock(nn.Module):
       features,
       dtype=None,
       # Added to the float32 residual stream: no rounding to `dtype`.
-      dot_general=common.dot_general(dtype, jnp.float32),
+      dot_general=common.dot_general(dtype, jnp.float32, self.matmul),
       kernel_init=common.partitioned(xavier_uniform, ('mlp', 'embed')),
       bias_init=common.partitioned(nn.initializers.normal(1e-6), ('embed',)),
       name='Dense_1',
@@ -122,6 +123,7 @@ class EncoderBlock(nn.Module):
   deterministic: bool = True
   dtype: str = 'float32'
   attention: str = 'auto'
+  matmul: str = 'auto'
   gelu_approximate: bool = True
   layer_norm_eps: float = LN_EPS
 
@@ -135,6 +137,7 @@ class EncoderBlock(nn.Module):
       deterministic=self.deterministic,
       dtype=self.dtype,
       implementation=self.attention,
+      matmul=self.matmul,
       name='MultiHeadDotProductAttention_1',
     )(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
@@ -146,6 +149,7 @@ class EncoderBlock(nn.Module):
       deterministic=self.deterministic,
       dtype=self.dtype,
       gelu_approximate=self.gelu_approximate,
+      matmul=self.matmul,
       name='MlpBlock_3',
     )(y)
     x = x + y.astype(jnp.float32)
@@ -174,6 +178,7 @@ class Encoder(nn.Module):
   scan: bool = False
   remat_policy: str = 'none'
   attention: str = 'auto'
+  matmul: str = 'auto'
   gelu_approximate: bool = True
   learned_posemb: bool = True
   layer_norm_eps: float = LN_EPS
@@ -200,6 +205,7 @@ class Encoder(nn.Module):
       deterministic=not train,
       dtype=self.dtype,
       attention=self.attention,
+      matmul=self.matmul,
       gelu_approximate=self.gelu_approximate,
       layer_norm_eps=self.layer_norm_eps,
     )
@@ -232,6 +238,7 @@ class MAPHead(nn.Module):
   num_heads: int
   dtype: str = 'float32'
   attention: str = 'auto'
+  matmul: str = 'auto'
   gelu_approximate: bool = True
   layer_norm_eps: float = LN_EPS
 
@@ -248,6 +255,7 @@ class MAPHead(nn.Module):
       num_heads=self.num_heads,
       dtype=self.dtype,
       implementation=self.attention,
+      matmul=self.matmul,
       name='MultiHeadDotProductAttention_0',
     )(probe, x)
     y = layer_norm(
@@ -257,6 +265,7 @@ class MAPHead(nn.Module):
       mlp_dim=self.mlp_dim,
       dtype=self.dtype,
       gelu_approximate=self.gelu_approximate,
+      matmul=self.matmul,
       name='MlpBlock_0',
     )(y)
     return (x + y.astype(jnp.float32))[:, 0]

@@ -59,6 +59,9 @@ class VisionTransformer(nn.Module):
     dtype: compute dtype name, 'float32' or 'bfloat16'.
     attention: the attention implementation, one of
       `attention.IMPLEMENTATIONS` ('auto', 'xla', 'cudnn', 'product').
+    matmul: who runs the encoder's dense products, one of `common.MATMULS`
+      ('auto', 'xla', 'onednn', 'onednn_backward'; see
+      `common.resolve_matmul`).
     gelu_approximate: the MLPs' GELU is the tanh approximation (True, as the
       published JAX weights were trained) or the exact erf form (False, as
       timm's and Hugging Face's).
@@ -91,6 +94,7 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   dtype: str = 'float32'
   attention: str = 'auto'
+  matmul: str = 'auto'
   gelu_approximate: bool = True
   posemb: str = 'learn'
   layer_norm_eps: float = 1e-6
@@ -121,6 +125,16 @@ class VisionTransformer(nn.Module):
       why,
     )
     return implementation
+
+  def _log_matmul(self) -> None:
+    """Logs who runs the dense products (resolved again where they run)."""
+    implementation, why = common.resolve_matmul(self.matmul, self.dtype)
+    logging.info(
+      'ViT dense products (matmul=%r): %s (%s).',
+      self.matmul,
+      implementation,
+      why,
+    )
 
   def _conv_stem(self, x, train):
     """ViTc stem: 3x3 conv -> BatchNorm -> ReLU, repeated (no bias)."""
@@ -200,6 +214,7 @@ class VisionTransformer(nn.Module):
         num_heads=self.num_heads,
         dtype=self.dtype,
         attention=implementation,
+        matmul=self.matmul,
         gelu_approximate=self.gelu_approximate,
         layer_norm_eps=self.layer_norm_eps,
         name='MAPHead_0',
@@ -235,6 +250,7 @@ class VisionTransformer(nn.Module):
       scan=self.scan,
       remat_policy=self.remat_policy,
       attention=implementation,
+      matmul=self.matmul,
       gelu_approximate=self.gelu_approximate,
       learned_posemb=self.posemb == 'learn',
       layer_norm_eps=self.layer_norm_eps,
@@ -269,6 +285,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images, *, train: bool = False):
     self._check()
     implementation = self._attention()
+    self._log_matmul()
     tokens, grid = self._tokens(images, train)
     x = self._encode(tokens, grid, train, implementation)
     return self._head(x, implementation)

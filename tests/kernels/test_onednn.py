@@ -1,0 +1,146 @@
+"""The oneDNN matmul custom call: products, errors and how it is built."""
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax.kernels import onednn
+
+pytestmark = pytest.mark.skipif(
+  onednn.problem() is not None,
+  reason=f'oneDNN matmul unavailable: {onednn.problem()}',
+)
+
+
+def operands(shape_a, shape_b, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  a = jnp.asarray(rng.standard_normal(shape_a), dtype)
+  b = jnp.asarray(rng.standard_normal(shape_b), dtype)
+  return a, b
+
+
+@pytest.mark.parametrize('transpose_a', [False, True])
+@pytest.mark.parametrize('transpose_b', [False, True])
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_products_match_float64(transpose_a, transpose_b, dtype):
+  rows, inner, columns = 37, 300, 19
+  a, b = operands(
+    (inner, rows) if transpose_a else (rows, inner),
+    (columns, inner) if transpose_b else (inner, columns),
+    dtype,
+  )
+  out = jax.jit(
+    lambda a, b: onednn.matmul(
+      a,
+      b,
+      transpose_a=transpose_a,
+      transpose_b=transpose_b,
+    )
+  )(a, b)
+  assert out.shape == (rows, columns) and out.dtype == jnp.float32
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  a64 = a64.T if transpose_a else a64
+  b64 = b64.T if transpose_b else b64
+  expected = a64 @ b64
+  # The operands are exact in float64; what differs is the float32
+  # accumulation: at most inner * 2^-24 of sum |a||b| (a worst case).
+  bound = inner * 2.0**-24 * (np.abs(a64) @ np.abs(b64))
+  assert np.all(np.abs(np.asarray(out, np.float64) - expected) <= bound)
+
+
+def test_bfloat16_product_equals_xla_on_inputs_exact_in_both():
+  # Small integers: every product and partial sum is exact in float32, so
+  # both libraries must give the exact result whatever their order.
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.integers(-4, 5, (64, 96)), jnp.bfloat16)
+  b = jnp.asarray(rng.integers(-4, 5, (96, 48)), jnp.bfloat16)
+  out = jax.jit(onednn.matmul)(a, b)
+  exact = np.asarray(a, np.int64) @ np.asarray(b, np.int64)
+  np.testing.assert_array_equal(np.asarray(out), exact)
+
+
+def test_mismatched_operands_are_clear_errors():
+  a, b = operands((4, 5), (6, 3), 'float32')
+  with pytest.raises(ValueError, match=r'contracted sizes differ \(5 and 6\)'):
+    onednn.matmul(a, b)
+  with pytest.raises(ValueError, match='two 2-D arrays of one dtype'):
+    onednn.matmul(a, b.astype(jnp.bfloat16).reshape(6, 3))
+  with pytest.raises(ValueError, match='2-D'):
+    onednn.matmul(a.reshape(2, 2, 5), b)
+
+
+def test_float16_is_refused_by_the_call():
+  a, b = operands((4, 5), (5, 3), 'float16')
+  with pytest.raises(Exception, match='both bfloat16 or both float32'):
+    jax.block_until_ready(jax.jit(onednn.matmul)(a, b))
+
+
+def test_runs_inside_shard_map_on_every_device():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  spec = jax.sharding.PartitionSpec('data')
+  a, b = operands((8 * 16, 24), (24, 10), 'bfloat16')
+
+  def per_device(a, b):
+    with pytest.raises(ValueError, match='vary over the same mesh axes'):
+      onednn.matmul(a, b)
+    return onednn.matmul(a, jax.lax.pcast(b, 'data', to='varying'))
+
+  product = jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(spec, jax.sharding.PartitionSpec()),
+      out_specs=spec,
+    )
+  )
+  out = product(a, b)
+  expected = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_once_and_kept(tmp_path, monkeypatch):
+  monkeypatch.setenv('VIT_JAX_KERNEL_CACHE', str(tmp_path))
+  include, library = onednn._find_onednn()
+  first = onednn._compile(include, library)
+  assert first.parent == tmp_path and first.suffix == '.so'
+  modified = first.stat().st_mtime_ns
+  assert onednn._compile(include, library) == first
+  assert first.stat().st_mtime_ns == modified
+  assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_missing_onednn_names_the_install_command(tmp_path, monkeypatch):
+  monkeypatch.setattr(onednn, '_prefixes', lambda: [tmp_path])
+  with pytest.raises(onednn.Unavailable) as e:
+    onednn._find_onednn()
+  assert onednn.INSTALL_HINT in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_missing_compiler_is_named(tmp_path, monkeypatch):
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  monkeypatch.setenv('VIT_JAX_KERNEL_CACHE', str(tmp_path))
+  include, library = onednn._find_onednn()
+  with pytest.raises(onednn.Unavailable, match="'no-such-compiler'"):
+    onednn._compile(include, library)
+
+
+def test_compile_errors_are_shown_and_leave_nothing(tmp_path, monkeypatch):
+  broken = tmp_path / 'broken.cc'
+  broken.write_text('this is not C++;\n')
+  cache = tmp_path / 'cache'
+  monkeypatch.setattr(onednn, 'SOURCE', broken)
+  monkeypatch.setenv('VIT_JAX_KERNEL_CACHE', str(cache))
+  include, library = onednn._find_onednn()
+  with pytest.raises(onednn.Unavailable, match=r'compiling broken\.cc failed'):
+    onednn._compile(include, library)
+  assert list(cache.iterdir()) == []
+
+
+def test_source_ships_beside_the_module():
+  assert onednn.SOURCE.is_file()
+  assert pathlib.Path(onednn.__file__).parent == onednn.SOURCE.parent
+  assert os.environ.get('VIT_JAX_KERNEL_CACHE')  # tests keep ~/.cache clean

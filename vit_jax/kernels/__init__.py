@@ -1,0 +1,1 @@
+"""Optional custom calls for products a backend's compiler runs slowly."""
