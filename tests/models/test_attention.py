@@ -119,3 +119,82 @@ def test_xla_and_product_gradients_agree():
     strict=True,
   ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_chunks_keep_float32_logits_small(monkeypatch):
+  # Several devices: XLA partitions the batch itself, never chunked here.
+  assert attention.batch_chunks(8, 12, 577, 577) == [(0, 8)]
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  # ViT-B/16 at 224 px (1.9 MB of logits per image): one piece; at 384 px
+  # (16 MB per image): pairs of images, 32 MB each.
+  assert attention.batch_chunks(8, 12, 197, 197) == [(0, 8)]
+  assert attention.batch_chunks(8, 12, 577, 577) == [
+    (0, 2),
+    (2, 4),
+    (4, 6),
+    (6, 8),
+  ]
+  # Larger than the limit per image: one image at a time; uneven batches.
+  assert attention.batch_chunks(3, 16, 1025, 1025) == [(0, 1), (1, 2), (2, 3)]
+  assert attention.batch_chunks(5, 12, 577, 577)[-1] == (4, 5)
+
+
+@pytest.mark.parametrize('dtype, tol', [('float32', 1e-5), ('bfloat16', 3e-2)])
+def test_chunked_product_attention_matches_numpy(monkeypatch, dtype, tol):
+  batch, length, heads, head_dim = 3, 40, 2, 8
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  # One image's logits fill the limit: three chunks of one image.
+  monkeypatch.setattr(attention, '_CHUNK_LOGITS_BYTES', heads * length**2 * 4)
+  assert len(attention.batch_chunks(batch, heads, length, length)) == 3
+  rng = np.random.default_rng(0)
+  inputs = [
+    jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), dtype)
+    for _ in range(3)
+  ]
+  cotangent = rng.standard_normal((batch, length, heads, head_dim))
+
+  def reference(q, k, v):
+    logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(head_dim)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum('bhqk,bkhd->bqhd', weights, v)
+
+  q, k, v = (np.asarray(x, np.float64) for x in inputs)
+  out = jax.jit(attention.product_attention)(*inputs)
+  np.testing.assert_allclose(
+    np.asarray(out, np.float64), reference(q, k, v), atol=tol
+  )
+
+  def loss(*x):
+    out = attention.product_attention(*x).astype(jnp.float32)
+    return jnp.sum(out * cotangent)
+
+  def products(function):  # How many matmuls `function` runs.
+    return str(jax.make_jaxpr(function)(*inputs)).count('dot_general')
+
+  gradient = jax.grad(loss, argnums=(0, 1, 2))
+  assert products(attention.product_attention) == 2 * 3
+  assert products(gradient) == (2 + 5) * 3  # 5: four products, one row sum
+  grads = jax.jit(gradient)(*inputs)
+  # Against central differences of the float64 reference, along a random
+  # direction of each input.
+  for i, grad in enumerate(grads):
+    direction = rng.standard_normal(q.shape)
+    step = 1e-6
+    plus, minus = [q, k, v], [q, k, v]
+    plus[i] = plus[i] + step * direction
+    minus[i] = minus[i] - step * direction
+    numeric = np.sum((reference(*plus) - reference(*minus)) * cotangent) / (
+      2 * step
+    )
+    analytic = np.sum(np.asarray(grad, np.float64) * direction)
+    assert abs(analytic - numeric) <= 30 * tol * max(1.0, abs(numeric)), i
+  # The same as one piece, whose products see the same numbers.
+  monkeypatch.setattr(attention, '_CHUNK_LOGITS_BYTES', 1 << 40)
+  gradient = jax.grad(loss, argnums=(0, 1, 2))
+  assert products(gradient) == 2 + 5
+  whole = jax.jit(gradient)(*inputs)
+  for a, b in zip(grads, whole, strict=True):
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=tol
+    )

@@ -47,6 +47,34 @@ def _attention_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
+# XLA:CPU computes attention's float32 (batch, heads, queries, keys) logits
+# in one piece; past a few tens of MB (ViT-B/16 at 384 px, batch 8: 128 MB)
+# that ran about 1.5x slower than independent chunks of the batch of at
+# most this size each (docs/performance-cpu.md).
+_CHUNK_LOGITS_BYTES = 32 * 2**20
+
+
+def batch_chunks(
+  batch: int, heads: int, queries: int, keys: int
+) -> list[tuple[int, int]]:
+  """The [start, end) ranges of the batch that `product_attention` splits.
+
+  One range (the whole batch) while the float32 logits take at most
+  `_CHUNK_LOGITS_BYTES`, and always with several devices, whose batch XLA
+  partitions itself; otherwise chunks of as many images as fit it (at least
+  one).
+  """
+  per_image = heads * queries * keys * 4
+  size = max(1, _CHUNK_LOGITS_BYTES // per_image)
+  if size >= batch or jax.device_count() > 1:
+    return [(0, batch)]
+  return [(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def _chunk(x: jax.Array, start: int, end: int) -> jax.Array:
+  return x if (start, end) == (0, x.shape[0]) else x[start:end]
+
+
 @jax.custom_vjp
 def product_attention(
   query: jax.Array, key: jax.Array, value: jax.Array
@@ -63,21 +91,52 @@ def product_attention(
   forward and backward passes of a ViT-B/16 attention layer (batch 8) on an
   AMX CPU, and it failed to run some of them at all (an unsupported
   bfloat16 x bfloat16 -> float32 matmul) next to the bfloat16 backward
-  products of `common.mixed_dot_general`.
+  products of `common.mixed_dot_general`. Long sequences are computed for
+  chunks of the batch apart (`batch_chunks`).
   """
   return _product_attention_fwd(query, key, value)[0]
 
 
+def _chunks(query, key):
+  batch, queries, heads, _ = query.shape
+  return batch_chunks(batch, heads, queries, key.shape[1])
+
+
 def _product_attention_fwd(query, key, value):
   scale = query.shape[-1] ** -0.5
-  logits = _attention_dot('bqhd,bkhd->bhqk', query, key) * scale
-  weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
-  out = _attention_dot('bhqk,bkhd->bqhd', weights, value).astype(query.dtype)
+  outs, weights = [], []
+  for start, end in _chunks(query, key):
+    logits = _attention_dot(
+      'bqhd,bkhd->bhqk', _chunk(query, start, end), _chunk(key, start, end)
+    )
+    weights.append(jax.nn.softmax(logits * scale, axis=-1).astype(query.dtype))
+    out = _attention_dot(
+      'bhqk,bkhd->bqhd', weights[-1], _chunk(value, start, end)
+    )
+    # Rounded chunk by chunk: XLA:CPU then keeps the chunks' products in
+    # separate operations (a float32 concatenation fused them into one).
+    outs.append(out.astype(query.dtype))
+  out = jnp.concatenate(outs)
   return out, (query, key, value, weights, out)
 
 
 def _product_attention_bwd(residuals, out_grad):
   query, key, value, weights, out = residuals
+  grads = [
+    _chunk_grads(
+      *(_chunk(x, start, end) for x in (query, key, value)),
+      chunk_weights,
+      *(_chunk(x, start, end) for x in (out, out_grad)),
+    )
+    for (start, end), chunk_weights in zip(
+      _chunks(query, key), weights, strict=True
+    )
+  ]
+  return tuple(jnp.concatenate(parts) for parts in zip(*grads, strict=True))
+
+
+def _chunk_grads(query, key, value, weights, out, out_grad):
+  """The gradients of query, key and value (one chunk of the batch)."""
   dtype = query.dtype
   scale = query.shape[-1] ** -0.5
   out_grad = out_grad.astype(dtype)
