@@ -273,7 +273,7 @@ def test_cast_kernels_names_a_bad_dtype():
 @pytest.mark.skipif(
   onednn.problem() is not None, reason='oneDNN matmul unavailable'
 )
-def test_one_cpu_device_with_bfloat16_runs_onednn_backward_products(
+def test_one_cpu_device_with_bfloat16_runs_mixed_products(
   tmp_path,
 ):
   # main.py as a user runs it: one CPU device (no forced host devices).
@@ -308,9 +308,9 @@ def test_one_cpu_device_with_bfloat16_runs_onednn_backward_products(
   )
   assert run.returncode == 0, run.stderr[-3000:]
   written = json.loads((tmp_path / 'benchmark.json').read_text())
-  assert written['device_count'] == 1 and written['matmul'] == 'onednn_backward'
+  assert written['device_count'] == 1 and written['matmul'] == 'mixed'
   assert math.isfinite(written['train']['final_loss'])
   assert (
-    "ViT dense products (matmul='auto'): onednn_backward (bfloat16 on one "
-    'CPU device).' in run.stderr
+    "ViT dense products (matmul='auto'): mixed (bfloat16 on one CPU "
+    'device).' in run.stderr
   )

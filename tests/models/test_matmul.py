@@ -43,7 +43,7 @@ def test_auto_keeps_xla_with_several_devices_and_in_float32(monkeypatch):
   )
   monkeypatch.setattr(onednn, 'problem', lambda: None)
   assert common.resolve_matmul('auto', 'bfloat16') == (
-    'onednn_backward',
+    'mixed',
     'bfloat16 on one CPU device',
   )
 
@@ -51,7 +51,7 @@ def test_auto_keeps_xla_with_several_devices_and_in_float32(monkeypatch):
 def test_auto_keeps_xla_off_cpus(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert common.resolve_matmul('auto', 'bfloat16') == ('xla', 'gpu, not a CPU')
-  for name in ('onednn', 'onednn_backward'):
+  for name in ('onednn', 'mixed'):
     with pytest.raises(ValueError, match=f"matmul='{name}' cannot run here"):
       common.resolve_matmul(name, 'bfloat16')
 
@@ -89,8 +89,9 @@ def test_onednn_model_matches_numpy_and_xla(dtype, classifier):
   blocks = TINY_VIT['num_layers'] + (classifier == 'map')
   assert custom_calls(onednn_model.apply, variables, images) == 6 * blocks
   assert custom_calls(model.apply, variables, images) == 0
-  backward_only = model.clone(matmul='onednn_backward')
-  assert custom_calls(backward_only.apply, variables, images) == 0
+  # 2 images x 17 tokens: too few rows for 'mixed' to leave XLA.
+  mixed = model.clone(matmul='mixed')
+  assert custom_calls(mixed.apply, variables, images) == 0
   out = jax.jit(onednn_model.apply)(variables, images)
   flat = {
     k: v.astype(np.float64)
@@ -107,9 +108,7 @@ def test_onednn_model_matches_numpy_and_xla(dtype, classifier):
 
 @needs_onednn
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
-@pytest.mark.parametrize(
-  'matmul, forward_calls', [('onednn', 6), ('onednn_backward', 0)]
-)
+@pytest.mark.parametrize('matmul, forward_calls', [('onednn', 6), ('mixed', 0)])
 def test_onednn_gradients_match_xla(dtype, matmul, forward_calls):
   images = random_images((2, 16, 16, 3))
   model = tiny_model(dtype=dtype, matmul='xla')
@@ -141,3 +140,28 @@ def test_onednn_gradients_match_xla(dtype, matmul, forward_calls):
       have, want, rtol=0, atol=scale * (2e-2 if dtype == 'bfloat16' else 1e-5),
       err_msg=jax.tree_util.keystr(path),
     )  # fmt: skip
+
+
+@needs_onednn
+@pytest.mark.parametrize('matmul', ['mixed', 'onednn', 'xla'])
+def test_mixed_runs_large_forward_products_in_onednn(matmul):
+  threshold = common.MIXED_ONEDNN_MIN_ROWS
+  kernel = jnp.ones((8, 4), jnp.float32)
+  dimension_numbers = (((2,), (0,)), ((), ()))
+
+  def forward_calls(rows):
+    activations = jnp.ones((rows // 4, 4, 8), jnp.float32)
+    return custom_calls(
+      lambda x, w: common.mixed_dot_general(
+        x, w, dimension_numbers, jnp.bfloat16, jnp.float32, matmul
+      ),
+      activations,
+      kernel,
+    )
+
+  expected = {
+    'mixed': (0, 1),
+    'onednn': (1, 1),
+    'xla': (0, 0),
+  }[matmul]
+  assert (forward_calls(threshold - 4), forward_calls(threshold)) == expected

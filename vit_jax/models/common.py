@@ -24,11 +24,17 @@ Dtype = Any
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 # Who runs the dense products: 'xla' (the backend's own), 'onednn' (all of
-# them in the oneDNN custom call of vit_jax/kernels, CPUs only),
-# 'onednn_backward' (the backward pass's in oneDNN, the forward pass's in
-# XLA) or 'auto' (see `resolve_matmul`).
-MATMULS = ('auto', 'xla', 'onednn', 'onednn_backward')
-_ONEDNN = ('onednn', 'onednn_backward')
+# them in the oneDNN custom call of vit_jax/kernels, CPUs only), 'mixed'
+# (oneDNN but for the forward products of fewer than
+# `MIXED_ONEDNN_MIN_ROWS` rows, which stay XLA's) or 'auto' (see
+# `resolve_matmul`).
+MATMULS = ('auto', 'xla', 'onednn', 'mixed')
+_ONEDNN = ('onednn', 'mixed')
+# Rows (batch x tokens) from which 'mixed' runs a forward product in oneDNN:
+# ViT-B/16 inference, bfloat16, was 5% faster in XLA at 1,576 rows (batch 8,
+# 224 px), 6% faster in oneDNN at 3,152 (batch 16), 25-29% at 4,616 (384 px)
+# and 6,304 (batch 32).
+MIXED_ONEDNN_MIN_ROWS = 2048
 
 # Rematerialisation policies by name; 'none' disables remat altogether.
 REMAT_POLICIES = (
@@ -54,11 +60,11 @@ def compute_dtype(name: str | Dtype) -> Dtype:
 def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   """The implementation of the dense products for a `matmul` option.
 
-  'auto' picks 'onednn_backward' for bfloat16 on a single CPU device: the
-  backward products read an operand transposed, which oneDNN does in place
-  and XLA:CPU by a copy first (a ViT-B/16 training step ran about 8% faster),
-  while XLA fuses a forward product with its bias and rounding (its
-  inference forward pass was about 5% faster than oneDNN's;
+  'auto' picks 'mixed' for bfloat16 on a single CPU device: the backward
+  products read an operand transposed, which oneDNN does in place and
+  XLA:CPU by a copy first (a ViT-B/16 training step ran about 8% faster);
+  XLA fuses a small forward product with its bias and rounding and ran it
+  faster, a large one slower (`MIXED_ONEDNN_MIN_ROWS`;
   docs/performance-cpu.md). Everywhere else 'auto' is XLA: on GPUs and TPUs,
   in float32 (where oneDNN was slower), and with several devices, whose
   products XLA partitions itself.
@@ -68,8 +74,8 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
     dtype: the compute dtype.
 
   Returns:
-    (implementation, why): 'xla', 'onednn' or 'onednn_backward', and the
-    reason, for the log.
+    (implementation, why): 'xla', 'onednn' or 'mixed', and the reason, for
+    the log.
 
   Raises:
     ValueError: for an unknown name, or oneDNN where it cannot run.
@@ -100,7 +106,7 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   problem = onednn.problem()
   if problem:
     return 'xla', f'oneDNN cannot run: {problem}'
-  return 'onednn_backward', 'bfloat16 on one CPU device'
+  return 'mixed', 'bfloat16 on one CPU device'
 
 
 def cast_kernels(variables: Any, dtype: str | Dtype) -> Any:
@@ -251,7 +257,10 @@ def _as_matrices(lhs, rhs, num_contracted: int):
 
 def _product(lhs, rhs, dimension_numbers, implementation):
   """The float32 product of two `dtype` operands (forward pass)."""
-  if implementation != 'onednn':
+  rows = math.prod(lhs.shape[: lhs.ndim - len(dimension_numbers[0][0])])
+  if implementation == 'xla' or (
+    implementation == 'mixed' and rows < MIXED_ONEDNN_MIN_ROWS
+  ):
     return jax.lax.dot_general(
       lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32
     )
