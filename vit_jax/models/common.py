@@ -287,20 +287,8 @@ def _matrix_operand_grads(g, lhs, rhs, num_contracted: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _mixed_dot(
-  lhs,
-  rhs,
-  dimension_numbers,
-  dtype,
-  output_dtype,
-  lhs_dtype,
-  rhs_dtype,
-  implementation,
-):
-  del lhs_dtype, rhs_dtype  # For the backward pass.
-  return _product(
-    lhs.astype(dtype), rhs.astype(dtype), dimension_numbers, implementation
-  ).astype(output_dtype)
+def _mixed_dot(lhs, rhs, *args):
+  return _mixed_dot_fwd(lhs, rhs, *args)[0]
 
 
 def _mixed_dot_fwd(
@@ -313,7 +301,7 @@ def _mixed_dot_fwd(
   rhs_dtype,
   implementation,
 ):
-  del lhs_dtype, rhs_dtype
+  del lhs_dtype, rhs_dtype  # For the backward pass.
   lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
   out = _product(lhs, rhs, dimension_numbers, implementation)
   return out.astype(output_dtype), (lhs, rhs)
