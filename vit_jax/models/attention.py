@@ -113,8 +113,6 @@ def _product_attention_fwd(query, key, value):
     out = _attention_dot(
       'bhqk,bkhd->bqhd', weights[-1], _chunk(value, start, end)
     )
-    # Rounded chunk by chunk: XLA:CPU then keeps the chunks' products in
-    # separate operations (a float32 concatenation fused them into one).
     outs.append(out.astype(query.dtype))
   out = jnp.concatenate(outs)
   return out, (query, key, value, weights, out)
