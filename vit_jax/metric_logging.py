@@ -19,12 +19,7 @@ from clu import metric_writers
 from etils import epath
 from tensorboard.compat.proto import event_pb2
 
-
-def _replace(path: epath.Path, write) -> None:
-  """Rewrites a file through `write(temporary path)` and an atomic rename."""
-  tmp = path.parent / f'.{path.name}.tmp'
-  write(tmp)
-  tmp.replace(path)
+from vit_jax import workdir as workdir_lib
 
 
 def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
@@ -41,7 +36,9 @@ def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
     if record['step'] <= last_step:
       kept.append(line)
   if kept != lines:
-    _replace(path, lambda tmp: tmp.write_text(''.join(kept)))
+    workdir_lib.replace_atomically(
+      path, lambda tmp: tmp.write_text(''.join(kept))
+    )
 
 
 def _read_records(path: epath.Path) -> list[bytes]:
@@ -71,7 +68,7 @@ def _truncate_events(workdir: epath.Path, last_step: int) -> None:
         for record in kept:
           writer.write(record)
 
-    _replace(path, write)
+    workdir_lib.replace_atomically(path, write)
 
 
 def _format_duration(seconds: float) -> str:

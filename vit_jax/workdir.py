@@ -8,6 +8,7 @@ finished run).
 """
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,14 +33,25 @@ def _jsonable(value):
   return value
 
 
+def replace_atomically(
+  path: epath.Path, write: Callable[[epath.Path], Any]
+) -> None:
+  """Writes `path` through `write(temporary path)` and a rename into place.
+
+  The temporary file lies beside `path` (same file system): a killed
+  process never leaves half a file, and an earlier file is replaced whole.
+  """
+  tmp = path.parent / f'.{path.name}.tmp'
+  write(tmp)
+  tmp.replace(path)
+
+
 def write_text(workdir: str | epath.Path, name: str, text: str) -> epath.Path:
   """Writes text as workdir/name."""
   path = epath.Path(workdir) / name
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'.{path.name}.tmp'
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
   return path
 
 

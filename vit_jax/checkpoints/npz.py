@@ -13,6 +13,7 @@ Batch statistics (only the ViTc stem has any) are stored under a
 `batch_stats/` prefix.
 """
 
+import functools
 import os
 import zipfile
 import zlib
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from vit_jax import workdir
 from vit_jax.checkpoints.tree import (
   flatten,
   global_block_numbering,
@@ -151,10 +153,8 @@ def save_npz(
     flat.update({_BATCH_STATS + key: value for key, value in stats.items()})
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'.{path.name}.tmp'
-  with tmp.open('wb') as f:
-    np.savez(f, **flat)
-  tmp.replace(path)  # Overwrites an earlier export (a rerun's).
+  # Overwrites an earlier export (a rerun's) whole.
+  workdir.replace_atomically(path, functools.partial(_write_npz, flat=flat))
   if isinstance(description, Mapping):
     description = ModelDescription.from_json(description)
   if description is not None:
@@ -228,3 +228,8 @@ def load_npz_variables(path: str | os.PathLike) -> dict[str, Any]:
 def load_npz(path: str | os.PathLike) -> dict[str, Any]:
   """The parameter tree of a published-layout .npz (`load_npz_variables`)."""
   return load_npz_variables(path)['params']
+
+
+def _write_npz(path: epath.Path, flat: Mapping[str, np.ndarray]) -> None:
+  with path.open('wb') as f:
+    np.savez(f, **flat)

@@ -18,6 +18,8 @@ import safetensors
 import safetensors.numpy
 from etils import epath
 
+from vit_jax import workdir
+
 WEIGHTS = 'model.safetensors'
 CONFIG = 'config.json'
 PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.ckpt')
@@ -132,9 +134,6 @@ def write(
 ) -> None:
   """Writes float32 tensors beside `path` and renames the file into place."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'.{path.name}.tmp'
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
-  tmp.write_bytes(
-    safetensors.numpy.save(tensors, metadata=dict(metadata or {}))
-  )
-  tmp.rename(path)
+  contents = safetensors.numpy.save(tensors, metadata=dict(metadata or {}))
+  workdir.replace_atomically(path, lambda tmp: tmp.write_bytes(contents))

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 from etils import epath
 
+from vit_jax import workdir
 from vit_jax.models import registry
 
 # Model attributes that belong to a training run rather than to the
@@ -130,7 +131,7 @@ class ModelDescription:
 
   def write(self, path: str | os.PathLike) -> None:
     """Writes beside `path` and renames: a kill never leaves half a file."""
-    path = epath.Path(path)
-    tmp = path.parent / f'.{path.name}.tmp'
-    tmp.write_text(json.dumps(self.to_json(), indent=2))
-    tmp.replace(path)
+    text = json.dumps(self.to_json(), indent=2)
+    workdir.replace_atomically(
+      epath.Path(path), lambda tmp: tmp.write_text(text)
+    )
