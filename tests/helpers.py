@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vit_jax import data
+from vit_jax import data, models
 
 # main.py's flag for the session's compilation cache (see conftest.py).
 COMPILATION_CACHE_FLAG = (
@@ -71,3 +71,19 @@ def init_params(model, images):
 
 def random_images(shape, seed=1):
   return jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)
+
+
+def tiny_vit(**overrides):
+  """A TINY_VIT ViT-B/16 with 4x4 patches and 6 classes, for 16x16 images."""
+  return models.get_model(
+    'ViT-B_16', 6, patch_size=4, **{**TINY_VIT, **overrides}
+  )
+
+
+def squared_output_gradients(model, params, images):
+  """The gradient of sum(model(images)**2) with respect to `params`."""
+
+  def loss(p):
+    return jnp.sum(model.apply({'params': p}, images) ** 2)
+
+  return jax.jit(jax.grad(loss))(params)

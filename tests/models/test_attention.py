@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from helpers import TINY_VIT, init_params, random_images, randomize
-from vit_jax import checkpoints, models
+from helpers import (
+  init_params,
+  random_images,
+  randomize,
+  squared_output_gradients,
+  tiny_vit,
+)
+from vit_jax import checkpoints
 from vit_jax.models import attention
-
-
-def tiny_model(**overrides):
-  return models.get_model(
-    'ViT-B_16', 6, patch_size=4, **{**TINY_VIT, **overrides}
-  )
 
 
 def test_auto_picks_product_for_bfloat16_and_xla_for_float32_on_cpu():
@@ -31,7 +31,7 @@ def test_auto_picks_product_for_bfloat16_and_xla_for_float32_on_cpu():
   'dtype, expected', [('bfloat16', 'product'), ('float32', 'xla')]
 )
 def test_model_logs_and_runs_what_auto_picked(caplog, dtype, expected):
-  model = tiny_model(dtype=dtype)
+  model = tiny_vit(dtype=dtype)
   images = jnp.zeros((2, 16, 16, 3))
   with caplog.at_level(logging.INFO):
     jaxpr = str(jax.make_jaxpr(model.init)(jax.random.key(0), images))
@@ -43,7 +43,7 @@ def test_model_logs_and_runs_what_auto_picked(caplog, dtype, expected):
 
 
 def test_explicit_cudnn_on_cpu_is_a_clear_error():
-  model = tiny_model(dtype='bfloat16', attention='cudnn')
+  model = tiny_vit(dtype='bfloat16', attention='cudnn')
   with pytest.raises(ValueError, match="attention='cudnn'") as e:
     model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   message = str(e.value)
@@ -51,7 +51,7 @@ def test_explicit_cudnn_on_cpu_is_a_clear_error():
 
 
 def test_unknown_attention_is_an_error():
-  model = tiny_model(attention='flash')
+  model = tiny_vit(attention='flash')
   with pytest.raises(ValueError, match=r"Unknown attention .*'flash'"):
     model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
 
@@ -81,7 +81,7 @@ def test_cudnn_constraints(capability, dtype, head_dim, problem):
 @pytest.mark.parametrize('classifier', ['token', 'map'])
 def test_xla_and_product_agree_with_each_other_and_numpy(classifier):
   images = random_images((2, 16, 16, 3))
-  model = tiny_model(attention='xla', classifier=classifier)
+  model = tiny_vit(attention='xla', classifier=classifier)
   params = randomize(init_params(model, images))
   outputs = {
     name: jax.jit(model.clone(attention=name).apply)({'params': params}, images)
@@ -103,15 +103,11 @@ def test_xla_and_product_agree_with_each_other_and_numpy(classifier):
 
 def test_xla_and_product_gradients_agree():
   images = random_images((2, 16, 16, 3))
-  model = tiny_model(attention='xla')
+  model = tiny_vit(attention='xla')
   params = randomize(init_params(model, images))
 
   def grads(name):
-    def loss(p):
-      out = model.clone(attention=name).apply({'params': p}, images)
-      return jnp.sum(out**2)
-
-    return jax.jit(jax.grad(loss))(params)
+    return squared_output_gradients(model.clone(attention=name), params, images)
 
   for a, b in zip(
     jax.tree.leaves(grads('xla')),

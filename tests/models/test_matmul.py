@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from helpers import TINY_VIT, init_params, random_images, randomize
-from vit_jax import checkpoints, models
+from helpers import (
+  TINY_VIT,
+  init_params,
+  random_images,
+  randomize,
+  squared_output_gradients,
+  tiny_vit,
+)
+from vit_jax import checkpoints
 from vit_jax.kernels import onednn
 from vit_jax.models import common
 
@@ -17,12 +24,6 @@ needs_onednn = pytest.mark.skipif(
   onednn.problem() is not None,
   reason=f'oneDNN matmul unavailable: {onednn.problem()}',
 )
-
-
-def tiny_model(**overrides):
-  return models.get_model(
-    'ViT-B_16', 6, patch_size=4, **{**TINY_VIT, **overrides}
-  )
 
 
 def custom_calls(function, *args) -> int:
@@ -58,17 +59,15 @@ def test_auto_keeps_xla_off_cpus(monkeypatch):
 
 def test_unknown_or_impossible_matmul_is_a_clear_error(monkeypatch):
   with pytest.raises(ValueError, match=r"Unknown matmul 'mkl'"):
-    tiny_model(matmul='mkl').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    tiny_vit(matmul='mkl').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   monkeypatch.setattr(onednn, 'problem', lambda: 'oneDNN was not found.')
   with pytest.raises(ValueError) as e:
-    tiny_model(matmul='onednn').init(
-      jax.random.key(0), jnp.zeros((1, 16, 16, 3))
-    )
+    tiny_vit(matmul='onednn').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   assert 'oneDNN was not found.' in str(e.value) and "'xla'" in str(e.value)
 
 
 def test_model_logs_what_it_picked(caplog):
-  model = tiny_model(dtype='bfloat16')
+  model = tiny_vit(dtype='bfloat16')
   with caplog.at_level(logging.INFO):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   picked = [r.getMessage() for r in caplog.records if 'dense' in r.msg]
@@ -80,7 +79,7 @@ def test_model_logs_what_it_picked(caplog):
 @pytest.mark.parametrize('classifier', ['token', 'map'])
 def test_onednn_model_matches_numpy_and_xla(dtype, classifier):
   images = random_images((2, 16, 16, 3))
-  model = tiny_model(dtype=dtype, classifier=classifier, matmul='xla')
+  model = tiny_vit(dtype=dtype, classifier=classifier, matmul='xla')
   params = randomize(init_params(model, images))
   variables = {'params': params}
   onednn_model = model.clone(matmul='onednn')
@@ -111,15 +110,11 @@ def test_onednn_model_matches_numpy_and_xla(dtype, classifier):
 @pytest.mark.parametrize('matmul, forward_calls', [('onednn', 6), ('mixed', 0)])
 def test_onednn_gradients_match_xla(dtype, matmul, forward_calls):
   images = random_images((2, 16, 16, 3))
-  model = tiny_model(dtype=dtype, matmul='xla')
+  model = tiny_vit(dtype=dtype, matmul='xla')
   params = randomize(init_params(model, images))
 
   def grads(matmul):
-    def loss(p):
-      out = model.clone(matmul=matmul).apply({'params': p}, images)
-      return jnp.sum(out**2)
-
-    return jax.jit(jax.grad(loss))(params)
+    return squared_output_gradients(model.clone(matmul=matmul), params, images)
 
   # Two backward products per forward product, all in oneDNN.
   def loss(p):
