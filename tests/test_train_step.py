@@ -46,13 +46,13 @@ def initial_variables(model):
 
 def one_step(
   mesh_shape, strategy='dp', kind='jit', accum_steps=1, optimizer='sgd',
-  dropout=0.0, ema_decay=0.0, num_steps=1, matmul='auto',
+  dropout=0.0, ema_decay=0.0, num_steps=1, matmul='auto', attention='auto',
 ):  # fmt: skip
   devices = jax.devices()[: math.prod(mesh_shape)]
   mesh = sharding.create_mesh(*mesh_shape, devices=devices)
   model = models.get_model(
     'ViT-B_16', NUM_CLASSES, patch_size=4, dropout_rate=dropout,
-    matmul=matmul, **TINY_VIT,
+    matmul=matmul, attention=attention, **TINY_VIT,
   )  # fmt: skip
   config = optimizer_config(optimizer)
   schedule = optim.learning_rate_schedule(config.lr, 100)
@@ -130,9 +130,12 @@ def test_shard_map_step_equals_single_device(reference):
 @pytest.mark.parametrize(
   'mesh_shape, kind', [((1, 1), 'jit'), ((8, 1), 'jit'), ((8, 1), 'shard_map')]
 )
-def test_onednn_step_equals_xla_step(reference, mesh_shape, kind):
+@pytest.mark.parametrize(
+  'options', [dict(matmul='onednn'), dict(attention='onednn')], ids=str
+)
+def test_onednn_step_equals_xla_step(reference, mesh_shape, kind, options):
   ref_state, ref_losses, _ = reference
-  state, losses, _ = one_step(mesh_shape, kind=kind, matmul='onednn')
+  state, losses, _ = one_step(mesh_shape, kind=kind, **options)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert_same_update(state, ref_state)
 

@@ -106,6 +106,7 @@ def test_machine_memory_and_setting_fields(results):
   assert (results['image_size'], results['batch_size']) == (16, 8)
   assert results['dtype'] == 'bfloat16'
   assert results['matmul'] == 'xla'  # 'auto' with 8 devices
+  assert results['attention'] == 'product'  # likewise, bfloat16
   assert results['optimizer'] == 'sgd'
   assert results['ema_decay'] == 0.0
   assert results['step'] == 'jit'
@@ -114,6 +115,17 @@ def test_machine_memory_and_setting_fields(results):
   assert results['scan'] is False
   for key in ('device_kind', 'jax_version'):
     assert isinstance(results[key], str) and results[key]
+
+
+def test_attention_is_reported_for_vits_only():
+  vit_model = models.get_model(
+    'ViT-B_16', 10, patch_size=4, dtype='float32', **TINY_VIT
+  )
+  assert benchmark._attention(vit_model) == 'xla'  # float32, 8 devices
+  assert benchmark._attention(vit_model.clone(attention='product')) == (
+    'product'
+  )
+  assert benchmark._attention(models.get_model('BiT-R50x1', 10)) is None
 
 
 def test_polyak_averaging_is_part_of_the_benchmarked_step():
@@ -140,7 +152,7 @@ def test_polyak_averaging_is_part_of_the_benchmarked_step():
 def test_table_lists_the_rates(results):
   table = benchmark.format_table(results)
   assert 'train img/s' in table and 'inference img/s' in table
-  assert 'MFU' in table and 'matmul=xla' in table
+  assert 'MFU' in table and 'matmul=xla, attention=product' in table
 
 
 # ----------------------------------------------------------------------------
@@ -273,7 +285,7 @@ def test_cast_kernels_names_a_bad_dtype():
 @pytest.mark.skipif(
   onednn.problem() is not None, reason='oneDNN matmul unavailable'
 )
-def test_one_cpu_device_with_bfloat16_runs_mixed_products(
+def test_one_cpu_device_with_bfloat16_runs_onednn_products(
   tmp_path,
 ):
   # main.py as a user runs it: one CPU device (no forced host devices).
@@ -309,8 +321,13 @@ def test_one_cpu_device_with_bfloat16_runs_mixed_products(
   assert run.returncode == 0, run.stderr[-3000:]
   written = json.loads((tmp_path / 'benchmark.json').read_text())
   assert written['device_count'] == 1 and written['matmul'] == 'mixed'
+  assert written['attention'] == 'onednn'
   assert math.isfinite(written['train']['final_loss'])
   assert (
     "ViT dense products (matmul='auto'): mixed (bfloat16 on one CPU "
+    'device).' in run.stderr
+  )
+  assert (
+    "ViT attention (attention='auto'): onednn (bfloat16 on one CPU "
     'device).' in run.stderr
   )

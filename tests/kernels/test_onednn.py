@@ -63,6 +63,79 @@ def test_bfloat16_product_equals_xla_on_inputs_exact_in_both():
   np.testing.assert_array_equal(np.asarray(out), exact)
 
 
+# Every product of attention's forward and backward passes, on
+# (batch, length, heads, head_dim) arrays and (batch, heads, q, k) weights.
+ATTENTION_SPECS = [
+  ('bqhd,bkhd->bhqk', (2, 5, 3, 8), (2, 7, 3, 8)),
+  ('bhqk,bkhd->bqhd', (2, 3, 5, 7), (2, 7, 3, 8)),
+  ('bhqk,bqhd->bkhd', (2, 3, 5, 7), (2, 5, 3, 8)),
+  ('mn,kn->mk', (6, 9), (4, 9)),
+  ('km,kn->mn', (9, 6), (9, 4)),
+]
+
+
+@pytest.mark.parametrize('spec, shape_a, shape_b', ATTENTION_SPECS)
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_strided_batched_products_match_float64(spec, shape_a, shape_b, dtype):
+  a, b = operands(shape_a, shape_b, dtype, seed=1)
+  out = jax.jit(lambda a, b: onednn.einsum(spec, a, b))(a, b)
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  expected = np.einsum(spec, a64, b64)
+  assert out.shape == expected.shape and out.dtype == jnp.float32
+  inputs, result = spec.split('->')
+  letters_a, letters_b = inputs.split(',')
+  (contracted,) = set(letters_a) & set(letters_b) - set(result)
+  inner = shape_a[letters_a.index(contracted)]
+  # As for the 2-D products: float32 accumulation of exact operands.
+  bound = inner * 2.0**-24 * np.einsum(spec, np.abs(a64), np.abs(b64))
+  assert np.all(np.abs(np.asarray(out, np.float64) - expected) <= bound)
+
+
+@pytest.mark.parametrize(
+  'spec, shape_a, shape_b, message',
+  [
+    ('bqhd,bkhd->bqk', (2, 4, 3, 5), (2, 6, 3, 5), 'not a batched matrix'),
+    ('mk,kn->m', (4, 5), (5, 3), 'not a batched matrix product'),
+    ('mkk,kn->mn', (4, 2, 2), (2, 3), 'at most once'),
+    ('mk,kn,nj->mj', (4, 5), (5, 3), 'does not fit'),
+    ('bqhd,bkhd->bhqk', (2, 5, 3, 8), (2, 7, 4, 8), "'h' has sizes 3 and 4"),
+  ],
+)
+def test_einsums_that_are_not_products_are_refused(
+  spec, shape_a, shape_b, message
+):
+  a, b = operands(shape_a, shape_b, 'float32')
+  with pytest.raises(ValueError, match=message):
+    onednn.einsum(spec, a, b)
+
+
+def test_a_transposed_result_is_written_in_place():
+  a, b = operands((4, 5), (5, 3), 'float32')
+  out = onednn.einsum('mk,kn->nm', a, b)
+  expected = (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).T
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_view_outside_its_buffer_is_refused_by_the_call():
+  # The call checks the views it is given (here a's rows 6 apart in a
+  # 4 x 5 buffer), whatever the Python side computed.
+  a, b = operands((4, 5), (5, 3), 'float32')
+  call = jax.ffi.ffi_call(
+    onednn.TARGET, jax.ShapeDtypeStruct((4, 3), jnp.float32)
+  )
+  strides = dict(
+    dims=np.array([4, 5, 3], np.int64),
+    b_strides=np.array([3, 1], np.int64),
+    out_strides=np.array([3, 1], np.int64),
+  )
+  good = call(a, b, a_strides=np.array([5, 1], np.int64), **strides)
+  np.testing.assert_allclose(good, np.asarray(a) @ np.asarray(b), rtol=1e-5)
+  with pytest.raises(Exception, match='does not fit its buffer'):
+    jax.block_until_ready(
+      call(a, b, a_strides=np.array([6, 1], np.int64), **strides)
+    )
+
+
 def test_mismatched_operands_are_clear_errors():
   a, b = operands((4, 5), (6, 3), 'float32')
   with pytest.raises(ValueError, match=r'contracted sizes differ \(5 and 6\)'):

@@ -1,5 +1,6 @@
 """The attention option: which implementation runs, and that they agree."""
 
+import functools
 import logging
 
 import jax
@@ -16,15 +17,49 @@ from helpers import (
   tiny_vit,
 )
 from vit_jax import checkpoints
+from vit_jax.kernels import onednn
 from vit_jax.models import attention
 
+needs_onednn = pytest.mark.skipif(
+  onednn.problem() is not None,
+  reason=f'oneDNN matmul unavailable: {onednn.problem()}',
+)
+# The implementations that compute the same function on this CPU.
+CPU_IMPLEMENTATIONS = [
+  'xla',
+  'product',
+  pytest.param('onednn', marks=needs_onednn),
+]
 
-def test_auto_picks_product_for_bfloat16_and_xla_for_float32_on_cpu():
-  assert jax.default_backend() == 'cpu'
+
+def test_auto_picks_product_for_bfloat16_and_xla_for_float32_on_cpus():
+  # The tests' 8 CPU devices: XLA partitions attention itself.
+  assert jax.default_backend() == 'cpu' and jax.device_count() > 1
   assert attention.resolve_implementation('auto', jnp.bfloat16, 64)[0] == (
     'product'
   )
   assert attention.resolve_implementation('auto', jnp.float32, 64)[0] == 'xla'
+
+
+@needs_onednn
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_auto_picks_onednn_on_one_cpu_device(monkeypatch, dtype):
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  assert attention.resolve_implementation('auto', dtype, 64) == (
+    'onednn',
+    f'{jnp.dtype(dtype).name} on one CPU device',
+  )
+
+
+def test_auto_without_onednn_falls_back(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  monkeypatch.setattr(attention, 'onednn_problem', lambda: 'no oneDNN.')
+  assert attention.resolve_implementation('auto', jnp.bfloat16, 64)[0] == (
+    'product'
+  )
+  assert attention.resolve_implementation('auto', jnp.float32, 64)[0] == 'xla'
+  with pytest.raises(ValueError, match=r"attention='onednn' .*no oneDNN"):
+    attention.resolve_implementation('onednn', jnp.float32, 64)
 
 
 @pytest.mark.parametrize(
@@ -79,13 +114,14 @@ def test_cudnn_constraints(capability, dtype, head_dim, problem):
 
 
 @pytest.mark.parametrize('classifier', ['token', 'map'])
-def test_xla_and_product_agree_with_each_other_and_numpy(classifier):
+@pytest.mark.parametrize('other', CPU_IMPLEMENTATIONS[1:])
+def test_implementations_agree_with_each_other_and_numpy(classifier, other):
   images = random_images((2, 16, 16, 3))
   model = tiny_vit(attention='xla', classifier=classifier)
   params = randomize(init_params(model, images))
   outputs = {
     name: jax.jit(model.clone(attention=name).apply)({'params': params}, images)
-    for name in ('xla', 'product')
+    for name in ('xla', other)
   }
   flat = {
     k: v.astype(np.float64)
@@ -96,12 +132,11 @@ def test_xla_and_product_agree_with_each_other_and_numpy(classifier):
   )
   for out in outputs.values():
     assert np.max(np.abs(np.asarray(out, np.float64) - expected)) <= 1e-4
-  np.testing.assert_allclose(
-    outputs['xla'], outputs['product'], rtol=0, atol=1e-5
-  )
+  np.testing.assert_allclose(outputs['xla'], outputs[other], rtol=0, atol=1e-5)
 
 
-def test_xla_and_product_gradients_agree():
+@pytest.mark.parametrize('other', CPU_IMPLEMENTATIONS[1:])
+def test_gradients_agree_with_xla(other):
   images = random_images((2, 16, 16, 3))
   model = tiny_vit(attention='xla')
   params = randomize(init_params(model, images))
@@ -111,7 +146,7 @@ def test_xla_and_product_gradients_agree():
 
   for a, b in zip(
     jax.tree.leaves(grads('xla')),
-    jax.tree.leaves(grads('product')),
+    jax.tree.leaves(grads(other)),
     strict=True,
   ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -135,8 +170,13 @@ def test_batch_chunks_keep_float32_logits_small(monkeypatch):
   assert attention.batch_chunks(5, 12, 577, 577)[-1] == (4, 5)
 
 
+@pytest.mark.parametrize(
+  'products', ['xla', pytest.param('onednn', marks=needs_onednn)]
+)
 @pytest.mark.parametrize('dtype, tol', [('float32', 1e-5), ('bfloat16', 3e-2)])
-def test_chunked_product_attention_matches_numpy(monkeypatch, dtype, tol):
+def test_chunked_product_attention_matches_numpy(
+  monkeypatch, dtype, tol, products
+):
   batch, length, heads, head_dim = 3, 40, 2, 8
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
   # One image's logits fill the limit: three chunks of one image.
@@ -156,21 +196,25 @@ def test_chunked_product_attention_matches_numpy(monkeypatch, dtype, tol):
     return np.einsum('bhqk,bkhd->bqhd', weights, v)
 
   q, k, v = (np.asarray(x, np.float64) for x in inputs)
-  out = jax.jit(attention.product_attention)(*inputs)
+  attend = functools.partial(attention.product_attention, products=products)
+  out = jax.jit(attend)(*inputs)
   np.testing.assert_allclose(
     np.asarray(out, np.float64), reference(q, k, v), atol=tol
   )
 
   def loss(*x):
-    out = attention.product_attention(*x).astype(jnp.float32)
-    return jnp.sum(out * cotangent)
+    return jnp.sum(attend(*x).astype(jnp.float32) * cotangent)
 
-  def products(function):  # How many matmuls `function` runs.
-    return str(jax.make_jaxpr(function)(*inputs)).count('dot_general')
+  def count(function):  # How many matmuls `function` runs, and in oneDNN.
+    jaxpr = str(jax.make_jaxpr(function)(*inputs))
+    in_onednn = jaxpr.count(onednn.TARGET)
+    return jaxpr.count('dot_general') + in_onednn, in_onednn
 
   gradient = jax.grad(loss, argnums=(0, 1, 2))
-  assert products(attention.product_attention) == 2 * 3
-  assert products(gradient) == (2 + 5) * 3  # 5: four products, one row sum
+  # 5: four products, one row sum (XLA's, whichever runs the products).
+  in_onednn = products == 'onednn'
+  assert count(attend) == (2 * 3, 2 * 3 * in_onednn)
+  assert count(gradient) == ((2 + 5) * 3, (2 + 4) * 3 * in_onednn)
   grads = jax.jit(gradient)(*inputs)
   # Against central differences of the float64 reference, along a random
   # direction of each input.
@@ -188,7 +232,7 @@ def test_chunked_product_attention_matches_numpy(monkeypatch, dtype, tol):
   # The same as one piece, whose products see the same numbers.
   monkeypatch.setattr(attention, '_CHUNK_LOGITS_BYTES', 1 << 40)
   gradient = jax.grad(loss, argnums=(0, 1, 2))
-  assert products(gradient) == 2 + 5
+  assert count(gradient)[0] == 2 + 5
   whole = jax.jit(gradient)(*inputs)
   for a, b in zip(grads, whole, strict=True):
     np.testing.assert_allclose(

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from vit_jax import loop, objectives, sharding, steps, train_state
 from vit_jax import workdir as workdir_lib
 from vit_jax.analysis import flops, measure
-from vit_jax.models import common
+from vit_jax.models import attention, common
 
 
 def _random_batch(config, mesh, num_classes: int) -> dict[str, jax.Array]:
@@ -204,6 +204,17 @@ def _matmul(model) -> str:
   return common.resolve_matmul(option, model.dtype)[0]
 
 
+def _attention(model) -> str | None:
+  """The attention implementation that ran; None for the BiT ResNets."""
+  if not hasattr(model, 'attention'):
+    return None
+  return attention.resolve_implementation(
+    model.attention,
+    common.compute_dtype(model.dtype),
+    model.hidden_size // model.num_heads,
+  )[0]
+
+
 def _describe(config, setup: Setup, results, peak, host_baseline) -> dict:
   """The results with what was run, where, and the memory it took."""
   bench = config.benchmark
@@ -217,6 +228,7 @@ def _describe(config, setup: Setup, results, peak, host_baseline) -> dict:
     num_classes=config.num_classes,
     dtype=config.model.dtype,
     matmul=_matmul(setup.model),
+    attention=_attention(setup.model),
     scan=bool(config.model.scan),
     remat_policy=config.model.remat_policy,
     sharding=config.sharding,
@@ -285,7 +297,8 @@ def format_table(results: dict[str, Any]) -> str:
   rows = [
     ('model', f'{results["model"]} {results["image_size"]}px, batch '
               f'{results["batch_size"]}, {results["dtype"]}, matmul='
-              f'{results["matmul"]}, scan={results["scan"]}, '
+              f'{results["matmul"]}, attention={results["attention"]}, '
+              f'scan={results["scan"]}, '
               f'remat={results["remat_policy"]}'),
     ('devices', f'{results["device_count"]} x {results["device_kind"]} '
                 f'({results["backend"]}), {results["sharding"]} '

@@ -1,12 +1,16 @@
-"""Dense products run by oneDNN on CPUs: an optional XLA FFI custom call.
+"""Matrix products run by oneDNN on CPUs: an optional XLA FFI custom call.
 
-XLA:CPU runs bfloat16 matrix products in YNNPACK, which takes its operands
-in one layout: for the products of a training step's backward pass XLA
-first copies an operand transposed. oneDNN (the library under torch's CPU
-matmuls) reads a transposed operand in place, and with it a ViT-B/16
-bfloat16 training step ran about 8% faster on an AMX-BF16 CPU
-(docs/performance-cpu.md). `matmul` hands one 2-D product to oneDNN
-through `onednn_matmul.cc`.
+XLA:CPU runs matrix products in YNNPACK, which takes its operands in one
+layout: for the products of a training step's backward pass XLA first
+copies an operand transposed, and around attention's products it copies
+the (batch, tokens, heads, head_dim) arrays into a (batch, heads)-major
+layout. oneDNN (the library under torch's CPU matmuls) reads any strided
+view in place. `einsum` hands one batched matrix product, written as a
+two-operand einsum, to oneDNN through `onednn_matmul.cc`; `matmul` is its
+2-D case. With it a ViT-B/16 bfloat16 training step ran about 8% faster
+on an AMX-BF16 CPU (the dense layers' backward products), and attention's
+six products made a float32 one 15% faster on an AVX-512 CPU without AMX
+(docs/performance-cpu.md).
 
 The call is optional: it needs oneDNN from pip (`onednn-cpu-gomp` and
 `onednn-devel-cpu-gomp`, in requirements.txt and the `cpu` extra) and a C++
@@ -32,6 +36,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 TARGET = 'vit_jax_onednn_matmul'
 SOURCE = pathlib.Path(__file__).with_name('onednn_matmul.cc')
@@ -175,6 +180,127 @@ def problem() -> str | None:
   return None
 
 
+def _row_major_strides(shape) -> list[int]:
+  strides = [1] * len(shape)
+  for i in range(len(shape) - 2, -1, -1):
+    strides[i] = strides[i + 1] * shape[i + 1]
+  return strides
+
+
+def _parse(spec: str, a: jax.Array, b: jax.Array):
+  """The letters and sizes of a two-operand einsum oneDNN can run."""
+  inputs, _, out = spec.replace(' ', '').partition('->')
+  a_letters, _, b_letters = inputs.partition(',')
+  if len(a_letters) != a.ndim or len(b_letters) != b.ndim:
+    raise ValueError(
+      f'einsum {spec!r} does not fit operands of shapes {a.shape} and '
+      f'{b.shape}.'
+    )
+  if (
+    len(set(a_letters)) != len(a_letters)
+    or len(set(b_letters)) != len(b_letters)
+    or len(set(out)) != len(out)
+    or not set(out) <= set(a_letters) | set(b_letters)
+  ):
+    raise ValueError(
+      f'einsum {spec!r}: each letter at most once per operand, and the '
+      "result's letters from the operands."
+    )
+  sizes = {}
+  for letters, shape in ((a_letters, a.shape), (b_letters, b.shape)):
+    for letter, size in zip(letters, shape, strict=True):
+      if sizes.setdefault(letter, size) != size:
+        raise ValueError(
+          f'einsum {spec!r}: {letter!r} has sizes {sizes[letter]} and {size} '
+          f'in operands of shapes {a.shape} and {b.shape}.'
+        )
+  every = set(a_letters) | set(b_letters) | set(out)
+  batch = [c for c in out if c in a_letters and c in b_letters]
+  rows = [c for c in out if c in a_letters and c not in b_letters]
+  columns = [c for c in out if c in b_letters and c not in a_letters]
+  inner = [c for c in a_letters if c in b_letters and c not in out]
+  if (
+    len(rows) != 1
+    or len(columns) != 1
+    or len(inner) != 1
+    or len(batch) + 3 != len(every)
+  ):
+    raise ValueError(
+      f'einsum {spec!r} is not a batched matrix product: it needs one free '
+      'letter in each operand, one contracted letter, and the rest shared by '
+      'both operands and the result.'
+    )
+  return (
+    a_letters,
+    b_letters,
+    out,
+    sizes,
+    (*batch, rows[0], inner[0], columns[0]),
+  )
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """A two-operand einsum that is a batched matrix product, in oneDNN.
+
+  Each operand has one free letter (the rows of `a`, the columns of `b`),
+  the two share one contracted letter, and every other letter is a batch
+  letter of both operands and of the result, in any order: e.g.
+  'mk,kn->mn', 'mn,kn->mk' (a product with `b` transposed) or attention's
+  'bqhd,bkhd->bhqk'. oneDNN reads every operand and writes the result
+  through strides, so no operand is copied into another layout. The
+  product is accumulated and returned in float32. CPU only.
+
+  Raises:
+    Unavailable: where the custom call cannot be built here.
+    ValueError: for a spec that is not such a product, or operands of
+      different dtypes.
+  """
+  why = problem()
+  if why is not None:
+    raise Unavailable(why)
+  if a.dtype != b.dtype:
+    raise ValueError(
+      f'einsum takes operands of one dtype, got {a.dtype} and {b.dtype}.'
+    )
+  a_letters, b_letters, out, sizes, order = _parse(spec, a, b)
+  *batch, rows, inner, columns = order
+
+  def view(letters, shape, axes):
+    strides = dict(zip(letters, _row_major_strides(shape), strict=True))
+    return [strides[c] for c in axes]
+
+  out_shape = tuple(sizes[c] for c in out)
+  manual_axes = jax.typeof(a).mat
+  if manual_axes != jax.typeof(b).mat:
+    raise ValueError(
+      'einsum: inside shard_map both operands must vary over the same mesh '
+      f'axes, not {jax.typeof(a)} and {jax.typeof(b)} (jax.lax.pcast one).'
+    )
+  result = jax.ShapeDtypeStruct(out_shape, jnp.float32)
+  if not manual_axes.empty:  # Inside shard_map: varies as the operands do.
+    result = jax.ShapeDtypeStruct(
+      result.shape,
+      result.dtype,
+      sharding=jax.typeof(a).sharding,
+      manual_axis_type=manual_axes,
+    )
+  call = jax.ffi.ffi_call(TARGET, result)
+  return call(
+    a,
+    b,
+    dims=np.array([sizes[c] for c in order], np.int64),
+    a_strides=np.array(
+      view(a_letters, a.shape, (*batch, rows, inner)), np.int64
+    ),
+    b_strides=np.array(
+      view(b_letters, b.shape, (*batch, inner, columns)), np.int64
+    ),
+    out_strides=np.array(
+      view(out, out_shape, (*batch, rows, columns)), np.int64
+    ),
+  )
+
+
 def matmul(
   a: jax.Array,
   b: jax.Array,
@@ -190,37 +316,19 @@ def matmul(
   Raises:
     Unavailable: where the custom call cannot be built here.
   """
-  why = problem()
-  if why is not None:
-    raise Unavailable(why)
   if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype:
     raise ValueError(
       f'matmul takes two 2-D arrays of one dtype, got {a.dtype}{a.shape} '
       f'and {b.dtype}{b.shape}.'
     )
-  rows = a.shape[1] if transpose_a else a.shape[0]
   inner = a.shape[0] if transpose_a else a.shape[1]
   inner_b = b.shape[1] if transpose_b else b.shape[0]
-  columns = b.shape[0] if transpose_b else b.shape[1]
   if inner != inner_b:
     raise ValueError(
       f'matmul: contracted sizes differ ({inner} and {inner_b}) for '
       f'{a.shape}, {b.shape}, transpose_a={transpose_a}, '
       f'transpose_b={transpose_b}.'
     )
-  manual_axes = jax.typeof(a).mat
-  if manual_axes != jax.typeof(b).mat:
-    raise ValueError(
-      'matmul: inside shard_map both operands must vary over the same mesh '
-      f'axes, not {jax.typeof(a)} and {jax.typeof(b)} (jax.lax.pcast one).'
-    )
-  result = jax.ShapeDtypeStruct((rows, columns), jnp.float32)
-  if not manual_axes.empty:  # Inside shard_map: varies as the operands do.
-    result = jax.ShapeDtypeStruct(
-      result.shape,
-      result.dtype,
-      sharding=jax.typeof(a).sharding,
-      manual_axis_type=manual_axes,
-    )
-  call = jax.ffi.ffi_call(TARGET, result)
-  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+  a_letters = 'km' if transpose_a else 'mk'
+  b_letters = 'nk' if transpose_b else 'kn'
+  return einsum(f'{a_letters},{b_letters}->mn', a, b)

@@ -1,19 +1,24 @@
-// A 2-D matrix product run by oneDNN, as an XLA FFI custom call for CPUs.
+// Batched matrix products run by oneDNN, as an XLA FFI custom call for CPUs.
 //
-// XLA:CPU runs bfloat16 products in YNNPACK, copying an operand first where
-// the product reads it transposed (the backward pass). oneDNN reads it in
-// place through strides. This call hands one product to oneDNN:
+// XLA:CPU runs matrix products in YNNPACK, which takes each operand in one
+// layout: XLA first copies an operand that a product reads transposed (the
+// backward pass of a dense layer) or whose batch axes are not leading
+// (attention over (batch, tokens, heads, head_dim) arrays). oneDNN reads
+// any strided view in place. This call hands one product to oneDNN:
 //
-//   out[M, N] = op(a) @ op(b),  op(x) = x or x^T (attributes transpose_a/b),
+//   out[b..., m, n] = sum_k a[b..., m, k] * b[b..., k, n]
 //
-// with a and b both bfloat16 or both float32 (row-major, as XLA passes them)
-// and out float32. Transposes are read through strides, never
-// copied. Primitives are created once per shape and kept.
+// where a, b and out are views of the row-major buffers XLA passes, given
+// by `dims` (the batch sizes, then M, K and N) and each operand's element
+// strides for its (batch..., rows, columns) axes. a and b are both bfloat16
+// or both float32; out is float32. Primitives are created once per shape
+// and kept.
 
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -22,7 +27,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, int>;
+using Dims = std::vector<int64_t>;
+using Key = std::tuple<Dims, Dims, Dims, Dims, int>;
 
 struct Cache {
   std::mutex mutex;  // One product at a time: each one uses every core.
@@ -49,24 +55,41 @@ bool ToDnnl(ffi::DataType type, dnnl::memory::data_type* out) {
   }
 }
 
+// The logical (batch..., rows, columns) shape of an operand.
+Dims ViewDims(const Dims& batch, int64_t rows, int64_t columns) {
+  Dims dims = batch;
+  dims.push_back(rows);
+  dims.push_back(columns);
+  return dims;
+}
+
+// Whether a view with these sizes and strides stays inside a buffer of
+// `elements` elements.
+bool Fits(const Dims& dims, const Dims& strides, int64_t elements) {
+  int64_t last = 0;
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (dims[i] < 1 || strides[i] < 0) return false;
+    last += (dims[i] - 1) * strides[i];
+  }
+  return last < elements;
+}
+
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b,
-                  ffi::Result<ffi::AnyBuffer> out, bool transpose_a,
-                  bool transpose_b) {
-  auto a_dims = a.dimensions();
-  auto b_dims = b.dimensions();
-  auto out_dims = out->dimensions();
-  if (a_dims.size() != 2 || b_dims.size() != 2 || out_dims.size() != 2) {
-    return ffi::Error::InvalidArgument("onednn_matmul takes 2-D arrays");
+                  ffi::Result<ffi::AnyBuffer> out,
+                  ffi::Span<const int64_t> dims,
+                  ffi::Span<const int64_t> a_strides,
+                  ffi::Span<const int64_t> b_strides,
+                  ffi::Span<const int64_t> out_strides) {
+  const size_t rank = a_strides.size();
+  if (dims.size() != rank + 1 || b_strides.size() != rank ||
+      out_strides.size() != rank || rank < 2) {
+    return ffi::Error::InvalidArgument(
+        "onednn_matmul: dims must be the batch sizes, M, K and N, and every "
+        "operand needs one stride per (batch..., rows, columns) axis");
   }
-  const int64_t m = transpose_a ? a_dims[1] : a_dims[0];
-  const int64_t k = transpose_a ? a_dims[0] : a_dims[1];
-  const int64_t k_b = transpose_b ? b_dims[1] : b_dims[0];
-  const int64_t n = transpose_b ? b_dims[0] : b_dims[1];
-  if (k != k_b || out_dims[0] != m || out_dims[1] != n) {
-    return ffi::Error::InvalidArgument("onednn_matmul: shapes do not match");
-  }
+  const Dims batch(dims.begin(), dims.end() - 3);
+  const int64_t m = dims[rank - 2], k = dims[rank - 1], n = dims[rank];
   dnnl::memory::data_type in_type;
-  const auto out_type = dnnl::memory::data_type::f32;
   if (a.element_type() != b.element_type() ||
       !ToDnnl(a.element_type(), &in_type) ||
       out->element_type() != ffi::DataType::F32) {
@@ -74,16 +97,28 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b,
         "onednn_matmul: operands must be both bfloat16 or both float32, the "
         "result float32");
   }
-  using tag = dnnl::memory::format_tag;
-  // A transposed operand is the row-major array read column-major ('ba').
-  dnnl::memory::desc a_desc({m, k}, in_type, transpose_a ? tag::ba : tag::ab);
-  dnnl::memory::desc b_desc({k, n}, in_type, transpose_b ? tag::ba : tag::ab);
-  dnnl::memory::desc out_desc({m, n}, out_type, tag::ab);
+  const Dims a_view(a_strides.begin(), a_strides.end());
+  const Dims b_view(b_strides.begin(), b_strides.end());
+  const Dims out_view(out_strides.begin(), out_strides.end());
+  const auto size = [](const auto& buffer) {
+    return static_cast<int64_t>(buffer.element_count());
+  };
+  if (!Fits(ViewDims(batch, m, k), a_view, size(a)) ||
+      !Fits(ViewDims(batch, k, n), b_view, size(b)) ||
+      !Fits(ViewDims(batch, m, n), out_view, size(*out))) {
+    return ffi::Error::InvalidArgument(
+        "onednn_matmul: a view does not fit its buffer");
+  }
+  dnnl::memory::desc a_desc(ViewDims(batch, m, k), in_type, a_view);
+  dnnl::memory::desc b_desc(ViewDims(batch, k, n), in_type, b_view);
+  dnnl::memory::desc out_desc(ViewDims(batch, m, n),
+                              dnnl::memory::data_type::f32, out_view);
 
   Cache& cache = GetCache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   try {
-    Key key{m, k, n, transpose_a, transpose_b, static_cast<int>(in_type)};
+    Key key{Dims(dims.begin(), dims.end()), a_view, b_view, out_view,
+            static_cast<int>(in_type)};
     auto found = cache.primitives.find(key);
     if (found == cache.primitives.end()) {
       dnnl::matmul::primitive_desc desc(cache.engine, a_desc, b_desc,
@@ -110,5 +145,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VitJaxOnednnMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
+                                  .Attr<ffi::Span<const int64_t>>("dims")
+                                  .Attr<ffi::Span<const int64_t>>("a_strides")
+                                  .Attr<ffi::Span<const int64_t>>("b_strides")
+                                  .Attr<ffi::Span<const int64_t>>(
+                                      "out_strides"));

@@ -58,7 +58,8 @@ class VisionTransformer(nn.Module):
     head_bias_init: initial head bias (-10 for sigmoid pretraining).
     dtype: compute dtype name, 'float32' or 'bfloat16'.
     attention: the attention implementation, one of
-      `attention.IMPLEMENTATIONS` ('auto', 'xla', 'cudnn', 'product').
+      `attention.IMPLEMENTATIONS` ('auto', 'xla', 'cudnn', 'product',
+      'onednn').
     matmul: who runs the encoder's dense products, one of `common.MATMULS`
       ('auto', 'xla', 'onednn', 'mixed'; see `common.resolve_matmul`).
     gelu_approximate: the MLPs' GELU is the tanh approximation (True, as the
