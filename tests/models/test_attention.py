@@ -18,7 +18,7 @@ from helpers import (
 )
 from vit_jax import checkpoints
 from vit_jax.kernels import onednn
-from vit_jax.models import attention
+from vit_jax.models import attention, common
 
 needs_onednn = pytest.mark.skipif(
   onednn.problem() is not None,
@@ -53,7 +53,7 @@ def test_auto_picks_onednn_on_one_cpu_device(monkeypatch, dtype):
 
 def test_auto_without_onednn_falls_back(monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  monkeypatch.setattr(attention, 'onednn_problem', lambda: 'no oneDNN.')
+  monkeypatch.setattr(common, 'onednn_problem', lambda: 'no oneDNN.')
   assert attention.resolve_implementation('auto', jnp.bfloat16, 64)[0] == (
     'product'
   )

@@ -193,13 +193,6 @@ def use_product_attention(dtype) -> bool:
   return jax.default_backend() == 'cpu' and dtype == jnp.bfloat16
 
 
-def onednn_problem() -> str | None:
-  """Why 'onednn' attention cannot run here, or None if it can."""
-  if jax.default_backend() != 'cpu':
-    return f'it runs on CPUs, this is {jax.default_backend()}'
-  return onednn.problem()
-
-
 def nvidia_compute_capability() -> tuple[int, int] | None:
   """The first device's CUDA compute capability; None off NVIDIA GPUs."""
   device = jax.devices()[0]
@@ -266,9 +259,9 @@ def resolve_implementation(name: str, dtype, head_dim: int) -> tuple[str, str]:
       f"attention='cudnn' (cuDNN fused attention) cannot run here: {problem}."
       " Use attention='auto' (picks what runs here) or 'xla'."
     )
-  if name == 'onednn' and onednn_problem():
+  if name == 'onednn' and common.onednn_problem():
     raise ValueError(
-      f"attention='onednn' cannot run here: {onednn_problem()} Use "
+      f"attention='onednn' cannot run here: {common.onednn_problem()} Use "
       "attention='auto' (picks what runs here) or 'xla'."
     )
   if name != 'auto':
@@ -278,7 +271,7 @@ def resolve_implementation(name: str, dtype, head_dim: int) -> tuple[str, str]:
   # Several devices: XLA partitions attention over them itself, which it
   # cannot do for a custom call.
   devices = jax.device_count()
-  no_onednn = onednn_problem() if devices == 1 else f'{devices} devices'
+  no_onednn = common.onednn_problem() if devices == 1 else f'{devices} devices'
   if no_onednn is None:
     return 'onednn', f'{dtype.name} on one CPU device'
   if use_product_attention(dtype):

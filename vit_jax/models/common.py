@@ -57,6 +57,13 @@ def compute_dtype(name: str | Dtype) -> Dtype:
   return jnp.dtype(name)
 
 
+def onednn_problem() -> str | None:
+  """Why the oneDNN custom call cannot run products here, or None."""
+  if jax.default_backend() != 'cpu':
+    return f'it runs on CPUs, this is {jax.default_backend()}'
+  return onednn.problem()
+
+
 def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   """The implementation of the dense products for a `matmul` option.
 
@@ -84,11 +91,7 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
     raise ValueError(f'Unknown matmul {name!r}; use one of {MATMULS}.')
   backend = jax.default_backend()
   if name in _ONEDNN:
-    problem = (
-      f'it runs on CPUs, this is {backend}'
-      if backend != 'cpu'
-      else onednn.problem()
-    )
+    problem = onednn_problem()
     if problem:
       raise ValueError(
         f'matmul={name!r} cannot run here: {problem} Use '
@@ -103,7 +106,7 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
     return 'xla', 'float32 compute'
   if jax.device_count() > 1:
     return 'xla', f'{jax.device_count()} devices'
-  problem = onednn.problem()
+  problem = onednn_problem()
   if problem:
     return 'xla', f'oneDNN cannot run: {problem}'
   return 'mixed', 'bfloat16 on one CPU device'
