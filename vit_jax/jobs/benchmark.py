@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from vit_jax import loop, objectives, sharding, steps, train_state
 from vit_jax import workdir as workdir_lib
 from vit_jax.analysis import flops, measure
-from vit_jax.models import attention, common
+from vit_jax.models import common
 
 
 def _random_batch(config, mesh, num_classes: int) -> dict[str, jax.Array]:
@@ -206,13 +206,9 @@ def _matmul(model) -> str:
 
 def _attention(model) -> str | None:
   """The attention implementation that ran; None for the BiT ResNets."""
-  if not hasattr(model, 'attention'):
+  if not hasattr(model, 'resolved_attention'):
     return None
-  return attention.resolve_implementation(
-    model.attention,
-    common.compute_dtype(model.dtype),
-    model.hidden_size // model.num_heads,
-  )[0]
+  return model.resolved_attention()[0]
 
 
 def _describe(config, setup: Setup, results, peak, host_baseline) -> dict:

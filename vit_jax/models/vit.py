@@ -112,12 +112,17 @@ class VisionTransformer(nn.Module):
     if self.posemb not in POSEMBS:
       raise ValueError(f'Unknown posemb {self.posemb!r}; use one of {POSEMBS}.')
 
+  def resolved_attention(self) -> tuple[str, str]:
+    """(implementation, why) of `attention.resolve_implementation` here."""
+    return attention.resolve_implementation(
+      self.attention,
+      common.compute_dtype(self.dtype),
+      self.hidden_size // self.num_heads,
+    )
+
   def _attention(self) -> str:
     """The attention implementation, resolved (and logged) once per trace."""
-    dtype = common.compute_dtype(self.dtype)
-    implementation, why = attention.resolve_implementation(
-      self.attention, dtype, self.hidden_size // self.num_heads
-    )
+    implementation, why = self.resolved_attention()
     logging.info(
       'ViT attention (attention=%r): %s (%s).',
       self.attention,
