@@ -26,16 +26,11 @@ import subprocess
 import sys
 import time
 
+import shared
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_MODEL = flags.DEFINE_string('model', 'ViT-B_16', 'Registry name.')
-_TIMM_MODEL = flags.DEFINE_string(
-  'timm_model', 'vit_base_patch16_224', 'The same model in timm.'
-)
-_BATCH = flags.DEFINE_integer('batch', 8, 'Batch size.')
-_RES = flags.DEFINE_integer('res', 224, 'Image size.')
 _STEPS = flags.DEFINE_integer('steps', 15, 'Timed steps of each worker.')
 _MODE = flags.DEFINE_enum(
   'mode',
@@ -54,14 +49,6 @@ _TIMM_DTYPES = flags.DEFINE_list(
   ['bf16', 'fp32'],
   'timm runs: bf16 (autocast), fp32, and for inference bf16w (the model '
   'converted to bfloat16 once).',
-)
-_TIMM_PYTHON = flags.DEFINE_string(
-  'timm_python', '/tmp/timm-venv/bin/python', "timm's interpreter."
-)
-_TIMM_PYTHONPATH = flags.DEFINE_string(
-  'timm_pythonpath',
-  '',
-  "Extra PYTHONPATH of timm's worker (e.g. a stand-in torchvision).",
 )
 _WORKER = flags.DEFINE_enum(
   'worker', None, ['project'], 'Run as a worker (used by the driver).'
@@ -106,15 +93,9 @@ def project_worker():
   sys.path.insert(0, REPO)
   import jax
 
-  from configs import benchmark as benchmark_config
   from vit_jax.analysis import measure
 
-  config = benchmark_config.get_config(_MODEL.value)
-  config.batch_size = _BATCH.value
-  config.image_size = _RES.value
-  config.update_from_flattened_dict(
-    dict((k, _parse(v)) for k, v in (o.split('=', 1) for o in _OVERRIDES.value))
-  )
+  config = shared.project_config(_OVERRIDES.value)
   make = _project_train_step if _MODE.value == 'train' else (
     _project_inference_step
   )  # fmt: skip
@@ -129,18 +110,6 @@ def project_worker():
     jax.block_until_ready(step())
     print(time.perf_counter() - start, flush=True)
   print(f'peak_bytes {measure.host_memory_peak_bytes()}', flush=True)
-
-
-def _parse(value: str):
-  """A command-line override's value: bool, int, float or string."""
-  if value in ('True', 'False'):
-    return value == 'True'
-  for kind in (int, float):
-    try:
-      return kind(value)
-    except ValueError:
-      pass
-  return value
 
 
 class Worker:
@@ -182,8 +151,8 @@ class Worker:
 
 
 def _workers() -> list[Worker]:
-  common = [f'--model={_MODEL.value}', f'--batch={_BATCH.value}',
-            f'--res={_RES.value}', f'--mode={_MODE.value}']  # fmt: skip
+  common = [f'--model={shared.MODEL.value}', f'--batch={shared.BATCH.value}',
+            f'--res={shared.RES.value}', f'--mode={_MODE.value}']  # fmt: skip
   workers = []
   for setting in _SETTINGS.value.split(';'):
     workers.append(
@@ -199,15 +168,15 @@ def _workers() -> list[Worker]:
       )
     )
   timm_env = dict(os.environ)
-  timm_env['PYTHONPATH'] = _TIMM_PYTHONPATH.value
+  timm_env['PYTHONPATH'] = shared.TIMM_PYTHONPATH.value
   for dtype in _TIMM_DTYPES.value:
     workers.append(
       Worker(
         f'timm {dtype}',
         [
-          _TIMM_PYTHON.value,
+          shared.TIMM_PYTHON.value,
           os.path.join(REPO, 'benchmarks', 'timm_worker.py'),
-          f'--model={_TIMM_MODEL.value}',
+          f'--model={shared.TIMM_MODEL.value}',
           f'--dtype={dtype}',
           *common[1:],
         ],
@@ -234,10 +203,10 @@ def main(argv):
   finally:
     for worker in workers:
       worker.close()
-  batch = _BATCH.value
+  batch = shared.BATCH.value
   timm = {w.name.split()[-1]: w for w in workers if w.name.startswith('timm')}
   lines = [
-    f'| {_MODEL.value} {_MODE.value}, batch {batch}, {_RES.value} px | '
+    f'| {shared.MODEL.value} {_MODE.value}, batch {batch}, {shared.RES.value} px | '
     'img/s median | '
     'min-max | vs timm, same dtype | peak host GiB |',
     '|---|---|---|---|---|',

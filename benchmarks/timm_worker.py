@@ -7,11 +7,16 @@ inputs). --mode=inference: the forward pass of the `.eval()` model in
 bfloat16 autocast (which re-casts the weights on every call); bf16w
 (inference only), the model converted once with `.to(torch.bfloat16)`.
 After its warm-up it prints 'ready', then runs one step per 'step' line
-read from stdin and prints its seconds.
+read from stdin and prints its seconds; with --profile_steps=N it instead
+profiles N steps (`torch.profiler`) and prints one JSON line of
+milliseconds per step for each kind of work (see profile_kinds.py).
 """
 
 import argparse
+import collections
 import contextlib
+import json
+import statistics
 import sys
 import time
 
@@ -55,6 +60,52 @@ def inference_step(model, x, dtype: str):
   return step
 
 
+# torch operators by kind of work (matched by substring, first kind first);
+# the rest count as 'other'.
+TORCH_KINDS = {
+  'dense products': ('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::linear'),
+  'attention': ('flash_attention', 'scaled_dot_product', 'softmax'),
+  'GELU': ('gelu',),
+  'LayerNorm': ('layer_norm',),
+  'casts': ('aten::copy_', 'aten::to', 'aten::_to_copy'),
+  'copies and transposes': ('aten::clone', 'aten::contiguous', 'transpose'),
+  'reductions': ('aten::sum', 'norm', 'aten::mean'),
+  'element-wise': (
+    'aten::add',
+    'aten::mul',
+    'aten::div',
+    'aten::fill_',
+    'aten::zero_',
+    'aten::addcmul',
+    'aten::lerp',
+  ),
+  'patch embedding': ('convolution', 'conv2d'),
+}
+
+
+def profile_kinds(step, steps: int) -> dict[str, float]:
+  """ms per step of each kind of work (operators' self time), and 'wall'."""
+  walls = []
+  activities = [torch.profiler.ProfilerActivity.CPU]
+  with torch.profiler.profile(activities=activities) as profile:
+    for _ in range(steps):
+      start = time.perf_counter()
+      step()
+      walls.append(time.perf_counter() - start)
+  totals = collections.Counter()
+  for event in profile.key_averages():
+    kind = next(
+      (
+        kind
+        for kind, names in TORCH_KINDS.items()
+        if any(name in event.key for name in names)
+      ),
+      'other',
+    )
+    totals[kind] += event.self_cpu_time_total / 1e3 / steps
+  return {**totals, 'wall': statistics.median(walls) * 1e3}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--model', default='vit_base_patch16_224')
@@ -62,6 +113,7 @@ def main():
   parser.add_argument('--res', type=int, default=224)
   parser.add_argument('--dtype', choices=['fp32', 'bf16', 'bf16w'])
   parser.add_argument('--mode', choices=['train', 'inference'])
+  parser.add_argument('--profile_steps', type=int, default=0)
   args = parser.parse_args()
   if args.mode == 'train' and args.dtype == 'bf16w':
     parser.error('--dtype=bf16w is for --mode=inference only.')
@@ -74,6 +126,9 @@ def main():
   step = make(model, x, args.dtype)
   for _ in range(2):
     step()
+  if args.profile_steps:
+    print(json.dumps(profile_kinds(step, args.profile_steps)), flush=True)
+    return
   print(
     f'ready {args.dtype} timm {timm.__version__} torch {torch.__version__}',
     flush=True,

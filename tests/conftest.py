@@ -30,7 +30,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
-# Likewise the oneDNN matmul's shared object (vit_jax/kernels/onednn.py),
+# Likewise the oneDNN custom calls' shared object (vit_jax/kernels/onednn.py),
 # compiled once per session.
 if 'VIT_JAX_KERNEL_CACHE' not in os.environ:
   _kernels = tempfile.mkdtemp(prefix='vit_jax_tests_kernels_')

@@ -138,14 +138,17 @@ def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
     (metadata_name,) = [n for n in names if n.endswith('.dist-info/METADATA')]
     metadata = email.message_from_bytes(archive.read(metadata_name))
 
-  # Every module of vit_jax and its subpackages (and the custom call's C++
-  # source, compiled where it runs), and only those.
+  # Every module of vit_jax and its subpackages (and the custom calls' C++
+  # sources, compiled where they run), and only those.
   sources = {
     p.relative_to(source).as_posix()
     for pattern in ('vit_jax/**/*.py', 'vit_jax/kernels/*.cc')
     for p in source.glob(pattern)
   }
-  assert 'vit_jax/kernels/onednn_matmul.cc' in sources
+  assert {
+    'vit_jax/kernels/onednn_matmul.cc',
+    'vit_jax/kernels/onednn_attention.cc',
+  } <= sources
   packaged = {n for n in names if not n.split('/')[0].endswith('.dist-info')}
   assert packaged == sources
   assert any(n.endswith('.dist-info/licenses/LICENSE') for n in names)

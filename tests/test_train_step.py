@@ -125,7 +125,7 @@ def test_shard_map_step_equals_single_device(reference):
 
 
 @pytest.mark.skipif(
-  onednn.problem() is not None, reason='oneDNN matmul unavailable'
+  onednn.problem() is not None, reason='oneDNN custom calls unavailable'
 )
 @pytest.mark.parametrize(
   'mesh_shape, kind', [((1, 1), 'jit'), ((8, 1), 'jit'), ((8, 1), 'shard_map')]

@@ -283,7 +283,7 @@ def test_cast_kernels_names_a_bad_dtype():
 
 
 @pytest.mark.skipif(
-  onednn.problem() is not None, reason='oneDNN matmul unavailable'
+  onednn.problem() is not None, reason='oneDNN custom calls unavailable'
 )
 def test_one_cpu_device_with_bfloat16_runs_onednn_products(
   tmp_path,

@@ -1,4 +1,4 @@
-"""The oneDNN matmul custom call: products, errors and how it is built."""
+"""The oneDNN custom calls: products, attention, errors and how they are built."""
 
 import os
 import pathlib
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from vit_jax.kernels import onednn
+from vit_jax.models import attention
 
 pytestmark = pytest.mark.skipif(
   onednn.problem() is not None,
-  reason=f'oneDNN matmul unavailable: {onednn.problem()}',
+  reason=f'oneDNN custom calls unavailable: {onednn.problem()}',
 )
 
 
@@ -205,7 +206,7 @@ def test_compile_errors_are_shown_and_leave_nothing(tmp_path, monkeypatch):
   broken = tmp_path / 'broken.cc'
   broken.write_text('this is not C++;\n')
   cache = tmp_path / 'cache'
-  monkeypatch.setattr(onednn, 'SOURCE', broken)
+  monkeypatch.setattr(onednn, 'SOURCES', (broken,))
   monkeypatch.setenv('VIT_JAX_KERNEL_CACHE', str(cache))
   include, library = onednn._find_onednn()
   with pytest.raises(onednn.Unavailable, match=r'compiling broken\.cc failed'):
@@ -213,7 +214,140 @@ def test_compile_errors_are_shown_and_leave_nothing(tmp_path, monkeypatch):
   assert list(cache.iterdir()) == []
 
 
-def test_source_ships_beside_the_module():
-  assert onednn.SOURCE.is_file()
-  assert pathlib.Path(onednn.__file__).parent == onednn.SOURCE.parent
+def test_sources_ship_beside_the_module():
+  for source in onednn.SOURCES:
+    assert source.is_file()
+    assert pathlib.Path(onednn.__file__).parent == source.parent
   assert os.environ.get('VIT_JAX_KERNEL_CACHE')  # tests keep ~/.cache clean
+
+
+def attention_float64(q, k, v):
+  """softmax(q k^T / sqrt(d)) v in float64 numpy, (batch, tokens, heads, d)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+def attention_inputs(shape_q, keys, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  batch, _, heads, head_dim = shape_q
+  shape_kv = (batch, keys, heads, head_dim)
+  return [
+    jnp.asarray(rng.standard_normal(shape), dtype)
+    for shape in (shape_q, shape_kv, shape_kv)
+  ]
+
+
+# (batch, queries, heads, head_dim) and keys: ViT-Ti/16's 197 tokens; 577
+# (384 px), whose queries split into blocks with a shorter last one; fewer
+# keys than queries; one query (the MAP head's probe); a tiny head; and a
+# head wider than 64 (ViT-H/14's 80), which is not padded.
+ATTENTION_SHAPES = [
+  ((2, 197, 3, 64), 197),
+  ((1, 577, 2, 64), 577),
+  ((2, 40, 2, 16), 9),
+  ((2, 1, 2, 16), 9),
+  ((3, 17, 4, 16), 17),
+  ((1, 33, 2, 80), 33),
+]
+# Per dtype, the error of one rounding of the weights and of the result
+# (bfloat16: 2^-8 relative) on outputs of magnitude about 1, with float32
+# accumulation; float32 rounds at 2^-24.
+ATTENTION_TOLERANCE = {'float32': 2e-5, 'bfloat16': 2e-2}
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+@pytest.mark.parametrize('shape_q, keys', ATTENTION_SHAPES)
+def test_attention_matches_float64(shape_q, keys, dtype):
+  q, k, v = attention_inputs(shape_q, keys, dtype)
+  out = jax.jit(onednn.attention)(q, k, v)
+  assert out.dtype == q.dtype and out.shape == q.shape
+  np.testing.assert_allclose(
+    np.asarray(out, np.float64),
+    attention_float64(q, k, v),
+    atol=ATTENTION_TOLERANCE[dtype],
+  )
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+@pytest.mark.parametrize('shape_q, keys', ATTENTION_SHAPES)
+def test_attention_gradients_match_float64(shape_q, keys, dtype):
+  q, k, v = attention_inputs(shape_q, keys, dtype, seed=1)
+  rng = np.random.default_rng(2)
+  cotangent = rng.standard_normal(shape_q)
+
+  def loss(*x):
+    return jnp.sum(onednn.attention(*x).astype(jnp.float32) * cotangent)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  inputs = [np.asarray(x, np.float64) for x in (q, k, v)]
+  # Against central differences of the float64 function along a random
+  # direction per input (exact up to O(step^2) for this smooth function).
+  for i, grad in enumerate(grads):
+    assert grad.dtype == q.dtype and grad.shape == inputs[i].shape
+    direction = rng.standard_normal(inputs[i].shape)
+    step = 1e-5
+    plus, minus = list(inputs), list(inputs)
+    plus[i] = plus[i] + step * direction
+    minus[i] = minus[i] - step * direction
+    numeric = np.sum(
+      (attention_float64(*plus) - attention_float64(*minus)) * cotangent
+    ) / (2 * step)
+    analytic = np.sum(np.asarray(grad, np.float64) * direction)
+    # Each gradient element carries about one rounding of its dtype; summed
+    # over n elements with random signs that grows as sqrt(n).
+    bound = ATTENTION_TOLERANCE[dtype] * np.sqrt(direction.size)
+    assert abs(analytic - numeric) <= bound, (i, analytic, numeric)
+
+
+def test_attention_agrees_with_product_attention_in_float32():
+
+  q, k, v = attention_inputs((2, 197, 3, 64), 197, 'float32')
+  cotangent = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape))
+
+  def run(attend):
+    out, vjp = jax.vjp(attend, q, k, v)
+    return [out, *vjp(cotangent.astype(q.dtype))]
+
+  for ours, theirs in zip(
+    jax.jit(lambda: run(onednn.attention))(),
+    jax.jit(lambda: run(attention.product_attention))(),
+    strict=True,
+  ):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'shape_k, shape_v, dtypes, message',
+  [
+    ((2, 8, 2, 4), (2, 8, 2, 5), ('float32',) * 3, 'key and value of one'),
+    ((2, 8, 3, 4), (2, 8, 3, 4), ('float32',) * 3, 'same batch, heads'),
+    ((2, 8, 2, 4), (2, 8, 2, 4), ('float32', 'bfloat16', 'float32'), 'all'),
+    ((2, 8, 2, 4), (2, 8, 2, 4), ('float16',) * 3, 'all bfloat16 or all'),
+  ],
+)
+def test_attention_refuses_other_shapes_and_dtypes(
+  shape_k, shape_v, dtypes, message
+):
+  q = jnp.zeros((2, 8, 2, 4), dtypes[0])
+  k, v = jnp.zeros(shape_k, dtypes[1]), jnp.zeros(shape_v, dtypes[2])
+  with pytest.raises(ValueError, match=message):
+    onednn.attention(q, k, v)
+
+
+def test_attention_runs_inside_shard_map_per_image():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  spec = jax.sharding.PartitionSpec('data')
+  q, k, v = attention_inputs((8, 17, 2, 16), 17, 'float32')
+  attend = jax.jit(
+    jax.shard_map(
+      onednn.attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec
+    )
+  )
+  np.testing.assert_allclose(
+    np.asarray(attend(q, k, v), np.float64),
+    attention_float64(q, k, v),
+    atol=ATTENTION_TOLERANCE['float32'],
+  )

@@ -22,7 +22,7 @@ from vit_jax.models import common
 
 needs_onednn = pytest.mark.skipif(
   onednn.problem() is not None,
-  reason=f'oneDNN matmul unavailable: {onednn.problem()}',
+  reason=f'oneDNN custom calls unavailable: {onednn.problem()}',
 )
 
 

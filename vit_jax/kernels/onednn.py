@@ -1,23 +1,28 @@
-"""Matrix products run by oneDNN on CPUs: an optional XLA FFI custom call.
+"""Matrix products and attention run by oneDNN on CPUs: optional custom calls.
 
 XLA:CPU runs matrix products in YNNPACK, which takes its operands in one
 layout: for the products of a training step's backward pass XLA first
-copies an operand transposed, and around attention's products it copies
-the (batch, tokens, heads, head_dim) arrays into a (batch, heads)-major
-layout. oneDNN (the library under torch's CPU matmuls) reads any strided
-view in place. `einsum` hands one batched matrix product, written as a
-two-operand einsum, to oneDNN through `onednn_matmul.cc`; `matmul` is its
-2-D case. With it a ViT-B/16 bfloat16 training step ran about 8% faster
-on an AMX-BF16 CPU (the dense layers' backward products), and attention's
-six products made a float32 one 15% faster on an AVX-512 CPU without AMX
-(docs/performance-cpu.md).
+copies an operand transposed. oneDNN (the library under torch's CPU
+matmuls) reads any strided view in place. `einsum` hands one batched matrix
+product, written as a two-operand einsum, to oneDNN through
+`onednn_matmul.cc`; `matmul` is its 2-D case. With it a ViT-B/16 bfloat16
+training step ran about 8% faster on an AMX-BF16 CPU (the dense layers'
+backward products).
 
-The call is optional: it needs oneDNN from pip (`onednn-cpu-gomp` and
+`attention` computes softmax(q k^T / sqrt(d)) v through
+`onednn_attention.cc`, one (image, head) and block of queries at a time,
+so that the float32 logits stay in the core's cache where XLA writes them
+to memory and reads them back several times (128 MB per ViT-B/16 layer at
+384 px, batch 8): one such layer ran 3x faster forward and 2x faster
+forward and backward than the same products and softmax as separate
+operations (docs/performance-cpu.md).
+
+The calls are optional: they need oneDNN from pip (`onednn-cpu-gomp` and
 `onednn-devel-cpu-gomp`, in requirements.txt and the `cpu` extra) and a C++
-compiler. The source is compiled on first use (about 3 s) into
-`$VIT_JAX_KERNEL_CACHE` (default `~/.cache/vit_jax/kernels`), keyed by the
-source, jaxlib and oneDNN, and registered with XLA once per process.
-`problem()` says why it cannot run here, or None.
+compiler with OpenMP. The sources are compiled on first use (about 5 s)
+into `$VIT_JAX_KERNEL_CACHE` (default `~/.cache/vit_jax/kernels`), keyed by
+the sources, jaxlib and oneDNN, and registered with XLA once per process.
+`problem()` says why they cannot run here, or None.
 """
 
 import ctypes
@@ -39,7 +44,11 @@ import jaxlib
 import numpy as np
 
 TARGET = 'vit_jax_onednn_matmul'
-SOURCE = pathlib.Path(__file__).with_name('onednn_matmul.cc')
+ATTENTION_TARGETS = ('vit_jax_onednn_attention', 'vit_jax_onednn_attention_bwd')
+SOURCES = tuple(
+  pathlib.Path(__file__).with_name(name)
+  for name in ('onednn_matmul.cc', 'onednn_attention.cc')
+)
 INSTALL_HINT = 'pip install onednn-cpu-gomp onednn-devel-cpu-gomp'
 _LIBRARY = 'libdnnl.so.3'
 _DISTRIBUTIONS = ('onednn-cpu-gomp', 'onednn-devel-cpu-gomp')
@@ -49,7 +58,7 @@ _MARKERS = (f'lib/{_LIBRARY}', _HEADER)
 
 
 class Unavailable(RuntimeError):
-  """oneDNN's matmul cannot run in this process (the message says why)."""
+  """oneDNN's custom calls cannot run here (the message says why)."""
 
 
 def _installed_prefixes() -> list[str]:
@@ -98,18 +107,17 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _compile(include: pathlib.Path, library: pathlib.Path) -> pathlib.Path:
-  """The shared object of `SOURCE`, compiled once per source/jaxlib/oneDNN."""
+  """The shared object of `SOURCES`, compiled once per source/jaxlib/oneDNN."""
   compiler = os.environ.get('CXX', 'g++')
   if shutil.which(compiler) is None:
     raise Unavailable(
-      f'no C++ compiler {compiler!r} to build the oneDNN matmul (install '
+      f'no C++ compiler {compiler!r} to build the oneDNN custom calls (install '
       'g++, e.g. `apt-get install g++`, or set $CXX).'
     )
-  source = SOURCE.read_bytes()
   key = hashlib.sha256(
     b'\0'.join(
       [
-        source,
+        *(source.read_bytes() for source in SOURCES),
         jaxlib.__version__.encode(),
         str(library.resolve()).encode(),
         str(library.stat().st_size).encode(),
@@ -128,12 +136,13 @@ def _compile(include: pathlib.Path, library: pathlib.Path) -> pathlib.Path:
   os.close(handle)
   command = [
     compiler,
-    '-O2',
+    '-O3',
     '-std=c++17',
+    '-fopenmp',  # The attention's blocks run in parallel.
     '-shared',
     '-fPIC',
     '-w',
-    str(SOURCE),
+    *map(str, SOURCES),
     f'-I{jax.ffi.include_dir()}',
     f'-I{include}',
     f'-L{library.parent}',
@@ -146,7 +155,7 @@ def _compile(include: pathlib.Path, library: pathlib.Path) -> pathlib.Path:
   if result.returncode:
     os.unlink(partial)
     raise Unavailable(
-      f'compiling {SOURCE.name} failed ({" ".join(command)}):\n'
+      f'compiling {", ".join(source.name for source in SOURCES)} failed ({" ".join(command)}):\n'
       f'{result.stderr[-2000:]}'
     )
   os.replace(partial, target)
@@ -158,21 +167,25 @@ def _register() -> None:
   """Builds, loads and registers the custom call; raises Unavailable."""
   if sys.platform != 'linux' or platform.machine() not in ('x86_64', 'AMD64'):
     raise Unavailable(
-      f'the oneDNN matmul is built for x86-64 Linux, not '
+      f'the oneDNN custom calls are built for x86-64 Linux, not '
       f'{sys.platform}/{platform.machine()}.'
     )
   include, library = _find_onednn()
   shared_object = ctypes.cdll.LoadLibrary(str(_compile(include, library)))
-  jax.ffi.register_ffi_target(
-    TARGET,
-    jax.ffi.pycapsule(shared_object.VitJaxOnednnMatmul),
-    platform='cpu',
+  handlers = (
+    (TARGET, shared_object.VitJaxOnednnMatmul),
+    (ATTENTION_TARGETS[0], shared_object.VitJaxOnednnAttention),
+    (ATTENTION_TARGETS[1], shared_object.VitJaxOnednnAttentionBackward),
   )
+  for target, handler in handlers:
+    jax.ffi.register_ffi_target(
+      target, jax.ffi.pycapsule(handler), platform='cpu'
+    )
 
 
 @functools.cache
 def problem() -> str | None:
-  """Why the oneDNN matmul cannot run in this process, or None if it can."""
+  """Why the oneDNN custom calls cannot run here, or None if they can."""
   try:
     _register()
   except Unavailable as error:
@@ -239,6 +252,25 @@ def _parse(spec: str, a: jax.Array, b: jax.Array):
   )
 
 
+def _result(shape, dtype, operands, name: str) -> jax.ShapeDtypeStruct:
+  """A custom call's result, varying inside shard_map as its operands do."""
+  manual_axes = jax.typeof(operands[0]).mat
+  if any(jax.typeof(x).mat != manual_axes for x in operands):
+    kinds = ', '.join(str(jax.typeof(x)) for x in operands)
+    raise ValueError(
+      f'{name}: inside shard_map all operands must vary over the same mesh '
+      f'axes, not {kinds} (jax.lax.pcast one).'
+    )
+  if manual_axes.empty:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(
+    shape,
+    dtype,
+    sharding=jax.typeof(operands[0]).sharding,
+    manual_axis_type=manual_axes,
+  )
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """A two-operand einsum that is a batched matrix product, in oneDNN.
 
@@ -270,20 +302,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return [strides[c] for c in axes]
 
   out_shape = tuple(sizes[c] for c in out)
-  manual_axes = jax.typeof(a).mat
-  if manual_axes != jax.typeof(b).mat:
-    raise ValueError(
-      'einsum: inside shard_map both operands must vary over the same mesh '
-      f'axes, not {jax.typeof(a)} and {jax.typeof(b)} (jax.lax.pcast one).'
-    )
-  result = jax.ShapeDtypeStruct(out_shape, jnp.float32)
-  if not manual_axes.empty:  # Inside shard_map: varies as the operands do.
-    result = jax.ShapeDtypeStruct(
-      result.shape,
-      result.dtype,
-      sharding=jax.typeof(a).sharding,
-      manual_axis_type=manual_axes,
-    )
+  result = _result(out_shape, jnp.float32, (a, b), 'einsum')
   call = jax.ffi.ffi_call(TARGET, result)
   return call(
     a,
@@ -332,3 +351,75 @@ def matmul(
   a_letters = 'km' if transpose_a else 'mk'
   b_letters = 'nk' if transpose_b else 'kn'
   return einsum(f'{a_letters},{b_letters}->mn', a, b)
+
+
+def _check_attention(query, key, value) -> None:
+  why = problem()
+  if why is not None:
+    raise Unavailable(why)
+  if query.ndim != 4 or key.shape != value.shape or key.ndim != 4:
+    raise ValueError(
+      'attention takes (batch, tokens, heads, head_dim) query, key and value '
+      f'(key and value of one shape), got {query.shape}, {key.shape} and '
+      f'{value.shape}.'
+    )
+  if (query.shape[0], *query.shape[2:]) != (key.shape[0], *key.shape[2:]):
+    raise ValueError(
+      'attention: query, key and value need the same batch, heads and '
+      f'head_dim, got {query.shape} and {key.shape}.'
+    )
+  if not query.dtype == key.dtype == value.dtype or query.dtype not in (
+    jnp.bfloat16,
+    jnp.float32,
+  ):
+    raise ValueError(
+      'attention takes query, key and value all bfloat16 or all float32, '
+      f'got {query.dtype}, {key.dtype} and {value.dtype}.'
+    )
+
+
+@jax.custom_vjp
+def attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v in oneDNN, in cache-sized blocks.
+
+  The function of `vit_jax.models.attention.product_attention` (its
+  roundings too) on (batch, tokens, heads, head_dim) arrays, bfloat16 or
+  float32: `onednn_attention.cc` computes one (image, head) and block of
+  queries at a time, so that the logits never leave the cache, and its
+  backward pass recomputes them. CPU only.
+
+  Raises:
+    Unavailable: where the custom calls cannot be built here.
+    ValueError: for arrays of other shapes or dtypes.
+  """
+  return _attention_fwd(query, key, value)[0]
+
+
+def _attention_fwd(query, key, value):
+  _check_attention(query, key, value)
+  call = jax.ffi.ffi_call(
+    ATTENTION_TARGETS[0],
+    _result(query.shape, query.dtype, (query, key, value), 'attention'),
+  )
+  out = call(query, key, value, scale=np.float32(query.shape[-1] ** -0.5))
+  return out, (query, key, value, out)
+
+
+def _attention_bwd(residuals, out_grad):
+  query, key, value, out = residuals
+  operands = (query, key, value, out)
+  call = jax.ffi.ffi_call(
+    ATTENTION_TARGETS[1],
+    tuple(
+      _result(x.shape, x.dtype, operands, 'attention')
+      for x in (query, key, value)
+    ),
+  )
+  return call(
+    *operands,
+    out_grad.astype(query.dtype),
+    scale=np.float32(query.shape[-1] ** -0.5),
+  )
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

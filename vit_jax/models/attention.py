@@ -8,9 +8,10 @@ by the model's `attention` option (see `resolve_implementation`):
              fused (flash) attention, on NVIDIA GPUs, bfloat16 only;
   'product'  `product_attention`, six matmuls in the compute dtype with
              float32 accumulation and a custom VJP;
-  'onednn'   `product_attention` with its six products in oneDNN
-             (vit_jax/kernels), which reads the (batch, length, heads,
-             head_dim) arrays in place: CPUs only;
+  'onednn'   `vit_jax.kernels.onednn.attention`: the same roundings as
+             'product', computed by oneDNN for one (image, head) and block
+             of queries at a time, whose logits stay in the cache: CPUs
+             only;
   'auto'     'cudnn' where it can run, else 'onednn' on a single CPU device
              where oneDNN can run, else 'product' for bfloat16 on CPUs, else
              'xla'.
@@ -48,11 +49,7 @@ def attention_weights(query: jax.Array, key: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits * scale, axis=-1)
 
 
-def _attention_dot(
-  spec: str, a: jax.Array, b: jax.Array, products: str
-) -> jax.Array:
-  if products == 'onednn':
-    return onednn.einsum(spec, a, b)
+def _attention_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
@@ -84,9 +81,9 @@ def _chunk(x: jax.Array, start: int, end: int) -> jax.Array:
   return x if (start, end) == (0, x.shape[0]) else x[start:end]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@jax.custom_vjp
 def product_attention(
-  query: jax.Array, key: jax.Array, value: jax.Array, products: str = 'xla'
+  query: jax.Array, key: jax.Array, value: jax.Array
 ) -> jax.Array:
   """softmax(q k^T / sqrt(Dh)) v on (batch, length, heads, head_dim) inputs.
 
@@ -102,16 +99,8 @@ def product_attention(
   bfloat16 x bfloat16 -> float32 matmul) next to the bfloat16 backward
   products of `common.mixed_dot_general`. Long sequences are computed for
   chunks of the batch apart (`batch_chunks`).
-
-  With `products='onednn'` (CPUs) oneDNN runs the six products, reading
-  every operand and writing every result through strides: XLA:CPU instead
-  copies the queries, keys, values and their gradients into a
-  (batch, heads)-major layout around each product. On a 2-core AVX-512
-  CPU a ViT-B/16 attention layer (batch 8, 224 px) ran forward and backward
-  1.7x faster than XLA's attention in float32, and 1.5x faster than with
-  XLA's products in bfloat16 (docs/performance-cpu.md).
   """
-  return _product_attention_fwd(query, key, value, products)[0]
+  return _product_attention_fwd(query, key, value)[0]
 
 
 def _chunks(query, key):
@@ -119,7 +108,7 @@ def _chunks(query, key):
   return batch_chunks(batch, heads, queries, key.shape[1])
 
 
-def _product_attention_fwd(query, key, value, products):
+def _product_attention_fwd(query, key, value):
   scale = query.shape[-1] ** -0.5
   outs, weights = [], []
   for start, end in _chunks(query, key):
@@ -127,25 +116,23 @@ def _product_attention_fwd(query, key, value, products):
       'bqhd,bkhd->bhqk',
       _chunk(query, start, end),
       _chunk(key, start, end),
-      products,
     )
     weights.append(jax.nn.softmax(logits * scale, axis=-1).astype(query.dtype))
     out = _attention_dot(
-      'bhqk,bkhd->bqhd', weights[-1], _chunk(value, start, end), products
+      'bhqk,bkhd->bqhd', weights[-1], _chunk(value, start, end)
     )
     outs.append(out.astype(query.dtype))
   out = jnp.concatenate(outs)
   return out, (query, key, value, weights, out)
 
 
-def _product_attention_bwd(products, residuals, out_grad):
+def _product_attention_bwd(residuals, out_grad):
   query, key, value, weights, out = residuals
   grads = [
     _chunk_grads(
       *(_chunk(x, start, end) for x in (query, key, value)),
       chunk_weights,
       *(_chunk(x, start, end) for x in (out, out_grad)),
-      products,
     )
     for (start, end), chunk_weights in zip(
       _chunks(query, key), weights, strict=True
@@ -154,12 +141,12 @@ def _product_attention_bwd(products, residuals, out_grad):
   return tuple(jnp.concatenate(parts) for parts in zip(*grads, strict=True))
 
 
-def _chunk_grads(query, key, value, weights, out, out_grad, products):
+def _chunk_grads(query, key, value, weights, out, out_grad):
   """The gradients of query, key and value (one chunk of the batch)."""
   dtype = query.dtype
   scale = query.shape[-1] ** -0.5
   out_grad = out_grad.astype(dtype)
-  weights_grad = _attention_dot('bqhd,bkhd->bhqk', out_grad, value, products)
+  weights_grad = _attention_dot('bqhd,bkhd->bhqk', out_grad, value)
   # Softmax backward: dS = P * (dP - rowsum(dP * P)), rowsum(dP * P) being
   # rowsum(dO * O), which is cheaper.
   row = jnp.einsum(
@@ -168,9 +155,9 @@ def _chunk_grads(query, key, value, weights, out, out_grad, products):
   logits_grad = (
     weights.astype(jnp.float32) * (weights_grad - row[..., None]) * scale
   ).astype(dtype)
-  query_grad = _attention_dot('bhqk,bkhd->bqhd', logits_grad, key, products)
-  key_grad = _attention_dot('bhqk,bqhd->bkhd', logits_grad, query, products)
-  value_grad = _attention_dot('bhqk,bqhd->bkhd', weights, out_grad, products)
+  query_grad = _attention_dot('bhqk,bkhd->bqhd', logits_grad, key)
+  key_grad = _attention_dot('bhqk,bqhd->bkhd', logits_grad, query)
+  value_grad = _attention_dot('bhqk,bqhd->bkhd', weights, out_grad)
   return (
     query_grad.astype(dtype),
     key_grad.astype(dtype),
@@ -415,9 +402,10 @@ class MultiHeadDotProductAttention(nn.Module):
     implementation, _ = resolve_implementation(
       self.implementation, query.dtype, query.shape[-1]
     )
-    if implementation in ('product', 'onednn'):
-      products = 'onednn' if implementation == 'onednn' else 'xla'
-      return product_attention(query, key, value, products)
+    if implementation == 'onednn':
+      return onednn.attention(query, key, value)
+    if implementation == 'product':
+      return product_attention(query, key, value)
     return jax.nn.dot_product_attention(
       query, key, value, implementation=implementation
     )
