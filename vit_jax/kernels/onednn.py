@@ -13,13 +13,13 @@ backward products).
 `onednn_attention.cc`, one (image, head) and block of queries at a time,
 so that the float32 logits stay in the core's cache where XLA writes them
 to memory and reads them back several times (128 MB per ViT-B/16 layer at
-384 px, batch 8): one such layer ran 3x faster forward and 2x faster
-forward and backward than the same products and softmax as separate
+384 px, batch 8): one such layer ran 2.6x faster forward and 1.6-1.8x
+faster forward and backward than the same products and softmax as separate
 operations (docs/performance-cpu.md).
 
 The calls are optional: they need oneDNN from pip (`onednn-cpu-gomp` and
 `onednn-devel-cpu-gomp`, in requirements.txt and the `cpu` extra) and a C++
-compiler with OpenMP. The sources are compiled on first use (about 5 s)
+compiler with OpenMP. The sources are compiled on first use (about 6 s)
 into `$VIT_JAX_KERNEL_CACHE` (default `~/.cache/vit_jax/kernels`), keyed by
 the sources, jaxlib and oneDNN, and registered with XLA once per process.
 `problem()` says why they cannot run here, or None.
