@@ -59,14 +59,6 @@ struct Shape {
                     o.scale);
   }
   int64_t row_stride() const { return heads * head_dim; }
-  // The contracted size of the two products over head_dim (q k^T and
-  // out_grad v^T), whose operands are copied with zero columns up to it:
-  // oneDNN 3.2 runs bfloat16 products of up to 64 contracted elements
-  // without AMX, e.g. (227, 64) x (64, 577) in 0.20 ms, where padded to 96
-  // it took 0.07 ms with AMX.
-  int64_t padded_dim() const {
-    return type == Type::bf16 && head_dim <= 64 ? 96 : head_dim;
-  }
   int64_t block() const {
     const int64_t rows = std::max<int64_t>(16, kBlockBytes / (4 * keys));
     return std::min(queries, rows);
@@ -130,15 +122,36 @@ struct Block {
   }
 };
 
+// The logits' product (rows, dp) x (dp, keys), dp >= head_dim.
+Op<dnnl::matmul> LogitsProduct(const Shape& s, int64_t rows, int64_t dp) {
+  return Matmul(rows, dp, s.keys, s.type, {dp, 1}, s.type, {s.keys, 1},
+                Type::f32, {s.keys, 1}, s.scale);
+}
+
+// The contracted size of the two products over head_dim (q k^T and
+// out_grad v^T), whose operands are copied with zero columns up to it:
+// head_dim, unless oneDNN would run these bfloat16 products without AMX
+// and runs them with AMX at the next multiple of 32. oneDNN 3.2 does so for
+// 64 contracted elements against 577 keys (not 197): (227, 64) x (64, 577)
+// took 0.20 ms without AMX, padded to 96 0.07 ms with it.
+int64_t PaddedDim(const Shape& s, int64_t rows) {
+  const auto amx = [&](int64_t dp) {
+    const std::string impl = LogitsProduct(s, rows, dp).desc.impl_info_str();
+    return impl.find("amx") != std::string::npos;
+  };
+  if (s.type != Type::bf16 || amx(s.head_dim)) return s.head_dim;
+  const int64_t padded = (s.head_dim / 32 + 1) * 32;
+  return amx(padded) ? padded : s.head_dim;
+}
+
 // Every operand is a dense buffer of the thread's workspace.
-Block MakeBlock(const Shape& s, int64_t rows) {
+Block MakeBlock(const Shape& s, int64_t rows, int64_t dp) {
   const int64_t d = s.head_dim, t = s.keys;
   const Type f32 = Type::f32, x = s.type;
   Block b{};
-  // Logits (rows, keys) = scale * q (rows, d) x k^T (d, keys), both padded
-  // to `padded_dim` and k^T copied as such.
-  const int64_t dp = s.padded_dim();
-  b.logits = Matmul(rows, dp, t, x, {dp, 1}, x, {t, 1}, f32, {t, 1}, s.scale);
+  // Logits (rows, keys) = scale * q (rows, dp) x k^T (dp, keys), both padded
+  // to dp and k^T copied as such.
+  b.logits = LogitsProduct(s, rows, dp);
   b.softmax = MakeOp<dnnl::softmax_forward>(
       dnnl::softmax_forward::primitive_desc(
           Engine(), dnnl::prop_kind::forward_inference,
@@ -163,6 +176,7 @@ Block MakeBlock(const Shape& s, int64_t rows) {
 struct Plan {
   Shape shape;
   std::vector<Block> blocks;  // The full block, then a shorter last one.
+  int64_t padded_dim;         // See PaddedDim.
   size_t scratch_bytes = 0;
   const Block& ForRows(int64_t rows) const {
     return rows == shape.block() ? blocks[0] : blocks.back();
@@ -185,8 +199,9 @@ const Plan& GetPlan(const Shape& s) {
   auto made = std::make_unique<Plan>();
   made->shape = s;
   const int64_t block = s.block(), last = s.queries % block;
-  made->blocks.push_back(MakeBlock(s, block));
-  if (last) made->blocks.push_back(MakeBlock(s, last));
+  made->padded_dim = PaddedDim(s, block);
+  made->blocks.push_back(MakeBlock(s, block, made->padded_dim));
+  if (last) made->blocks.push_back(MakeBlock(s, last, made->padded_dim));
   for (const Block& b : made->blocks) {
     made->scratch_bytes = std::max(made->scratch_bytes, b.scratch_bytes());
   }
@@ -201,8 +216,8 @@ struct Workspace {
   dnnl::stream stream{Engine()};
   std::vector<char> scratch, logits, weights, logits_grad;
   // Dense copies of one (image, head)'s keys and values, of their
-  // transposes (padded to `padded_dim` rows of zeros) and of one block's
-  // queries and out_grad (also padded to `padded_dim` columns), and its
+  // transposes (padded to the plan's `padded_dim` rows with zeros) and of
+  // one block's queries and out_grad (also padded, in columns), and its
   // result (the output or the queries' gradient).
   std::vector<char> key, value, key_t, value_t, query, query_padded;
   std::vector<char> out_grad, out_grad_padded, result;
@@ -216,13 +231,13 @@ struct Workspace {
     logits_grad.resize(cells * bytes);
     for (auto* keys : {&key, &value}) keys->resize(s.keys * s.head_dim * bytes);
     for (auto* keys : {&key_t, &value_t}) {
-      keys->resize(s.keys * s.padded_dim() * bytes);  // Zeros.
+      keys->resize(s.keys * plan.padded_dim * bytes);  // Zeros.
     }
     for (auto* block : {&query, &out_grad, &result}) {
       block->resize(s.block() * s.head_dim * bytes);
     }
     for (auto* block : {&query_padded, &out_grad_padded}) {
-      block->resize(s.block() * s.padded_dim() * bytes);  // Zeros.
+      block->resize(s.block() * plan.padded_dim * bytes);  // Zeros.
     }
     key_grad.resize(s.keys * s.head_dim);
     value_grad.resize(s.keys * s.head_dim);
@@ -446,7 +461,7 @@ ffi::Error Start(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   call->v = static_cast<const char*>(v.untyped_data());
   call->row_bytes = s.head_dim * Bytes(s.type);
   call->stride_bytes = s.row_stride() * Bytes(s.type);
-  call->padded_bytes = s.padded_dim() * Bytes(s.type);
+  call->padded_bytes = call->plan->padded_dim * Bytes(s.type);
   return ffi::Error::Success();
 }
 
