@@ -193,6 +193,13 @@ def problem() -> str | None:
   return None
 
 
+def _require() -> None:
+  """Raises Unavailable, saying why, where the custom calls cannot run."""
+  why = problem()
+  if why is not None:
+    raise Unavailable(why)
+
+
 def _row_major_strides(shape) -> list[int]:
   strides = [1] * len(shape)
   for i in range(len(shape) - 2, -1, -1):
@@ -287,9 +294,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     ValueError: for a spec that is not such a product, or operands of
       different dtypes.
   """
-  why = problem()
-  if why is not None:
-    raise Unavailable(why)
+  _require()
   if a.dtype != b.dtype:
     raise ValueError(
       f'einsum takes operands of one dtype, got {a.dtype} and {b.dtype}.'
@@ -354,9 +359,7 @@ def matmul(
 
 
 def _check_attention(query, key, value) -> None:
-  why = problem()
-  if why is not None:
-    raise Unavailable(why)
+  _require()
   if query.ndim != 4 or key.shape != value.shape or key.ndim != 4:
     raise ValueError(
       'attention takes (batch, tokens, heads, head_dim) query, key and value '

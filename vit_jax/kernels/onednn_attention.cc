@@ -301,10 +301,10 @@ void Run(Workspace& w, const Op<Primitive>& p,
   p.primitive.execute(w.stream, memories);
 }
 
-// The weights (rows, keys) of one block, softmax(scale * q k^T), from the
-// dense query block and keys in the workspace.
-void Weights(Workspace& w, const Block& b) {
-  Run(w, b.logits, {{DNNL_ARG_SRC, w.query_padded.data()},
+// The weights (rows, keys) of one block, softmax(scale * q k^T), from its
+// dense (padded) query block and the workspace's transposed keys.
+void Weights(Workspace& w, const Block& b, char* query) {
+  Run(w, b.logits, {{DNNL_ARG_SRC, query},
                     {DNNL_ARG_WEIGHTS, w.key_t.data()},
                     {DNNL_ARG_DST, w.logits.data()}});
   Run(w, b.softmax,
@@ -484,7 +484,7 @@ ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       const Block& b = c.plan->ForRows(rows);
       const size_t at = c.Offset(image, first, head, s.queries);
       c.Gather(w.query_padded.data(), c.q + at, rows, /*padded=*/true);
-      Weights(w, b);
+      Weights(w, b, w.query_padded.data());
       Run(w, b.out, {{DNNL_ARG_SRC, w.weights.data()},
                      {DNNL_ARG_WEIGHTS, w.value.data()},
                      {DNNL_ARG_DST, w.result.data()}});
@@ -580,10 +580,17 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       const size_t at = c.Offset(image, first, head, s.queries);
       c.Gather(w.query.data(), c.q + at, rows);
       c.Gather(w.out_grad.data(), og + at, rows);
-      c.Gather(w.query_padded.data(), c.q + at, rows, /*padded=*/true);
-      c.Gather(w.out_grad_padded.data(), og + at, rows, /*padded=*/true);
-      Weights(w, b);
-      Run(w, b.weights_grad, {{DNNL_ARG_SRC, w.out_grad_padded.data()},
+      // The products over head_dim take padded copies where the plan pads.
+      char* query = w.query.data();
+      char* out_grad_rows = w.out_grad.data();
+      if (c.padded_bytes != c.row_bytes) {
+        query = w.query_padded.data();
+        out_grad_rows = w.out_grad_padded.data();
+        c.Gather(query, c.q + at, rows, /*padded=*/true);
+        c.Gather(out_grad_rows, og + at, rows, /*padded=*/true);
+      }
+      Weights(w, b, query);
+      Run(w, b.weights_grad, {{DNNL_ARG_SRC, out_grad_rows},
                               {DNNL_ARG_WEIGHTS, w.value_t.data()},
                               {DNNL_ARG_DST, w.logits.data()}});
       w.stream.wait();
