@@ -97,7 +97,7 @@ def classify_hlo(text: str) -> str:
   """The kind of work of one XLA operation, from its HLO."""
   if 'onednn_attention' in text:
     return 'attention'
-  if 'onednn_matmul' in text or ' dot(' in text:
+  if any(call in text for call in ('onednn_matmul', 'mkl_gemm', ' dot(')):
     # Attention's own products ('product' and 'xla' attention) contract
     # four-dimensional (batch, heads, tokens, head_dim) operands.
     if re.search(r'dot\(\w+\[\d+,\d+,\d+,\d+\]', text) or 'exponential' in text:

@@ -73,6 +73,14 @@ def random_images(shape, seed=1):
   return jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)
 
 
+def random_operands(shape_a, shape_b, dtype, seed=0):
+  """Two standard-normal arrays of `dtype`, for the products' tests."""
+  rng = np.random.default_rng(seed)
+  a = jnp.asarray(rng.standard_normal(shape_a), dtype)
+  b = jnp.asarray(rng.standard_normal(shape_b), dtype)
+  return a, b
+
+
 def tiny_vit(**overrides):
   """A TINY_VIT ViT-B/16 with 4x4 patches and 6 classes, for 16x16 images."""
   return models.get_model(

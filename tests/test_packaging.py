@@ -9,6 +9,7 @@ environment that sees this one's packages but not the repository.
 import email
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from vit_jax.kernels import mkl as kernels_mkl
 from vit_jax.kernels import onednn as kernels_onednn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +33,9 @@ import vit_jax, vit_jax.models
 print(vit_jax.__file__)
 print(len(vit_jax.models.list_models()))
 print(importlib.util.find_spec('configs'))
-import vit_jax.kernels.onednn
+import vit_jax.kernels.mkl, vit_jax.kernels.onednn
 print(vit_jax.kernels.onednn.problem())
+print(vit_jax.kernels.mkl.problem())
 """
 
 
@@ -111,8 +114,9 @@ def import_elsewhere(python, tmp_path):
     'VIT_JAX_KERNEL_CACHE': os.environ['VIT_JAX_KERNEL_CACHE'],
   }
   lines = run([python, '-c', IMPORT_CHECK], cwd=elsewhere, env=env)
-  module_file, model_count, configs, onednn = lines.strip().splitlines()[-4:]
-  return Path(module_file), int(model_count), configs, onednn
+  *found, onednn, mkl = lines.strip().splitlines()[-5:]
+  module_file, model_count, configs = found
+  return Path(module_file), int(model_count), configs, onednn, mkl
 
 
 def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
@@ -148,6 +152,7 @@ def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
   assert {
     'vit_jax/kernels/onednn_matmul.cc',
     'vit_jax/kernels/onednn_attention.cc',
+    'vit_jax/kernels/mkl_gemm.cc',
   } <= sources
   packaged = {n for n in names if not n.split('/')[0].endswith('.dist-info')}
   assert packaged == sources
@@ -168,18 +173,22 @@ def test_wheel_installs_the_package_and_nothing_else(source, tmp_path):
   assert any(
     r.startswith('pytest') and 'extra == "test"' in r for r in requires
   )
-  assert any(
-    r.startswith('onednn-cpu-gomp') and 'extra == "cpu"' in r for r in requires
-  )
+  for name in ('onednn-cpu-gomp', 'mkl', 'mkl-include'):
+    assert any(
+      re.match(rf'{name}[<>=]', r) and 'extra == "cpu"' in r for r in requires
+    ), name
 
   python, site_packages = install(wheel, tmp_path)
-  module_file, model_count, configs, onednn = import_elsewhere(python, tmp_path)
+  module_file, model_count, configs, onednn, mkl = import_elsewhere(
+    python, tmp_path
+  )
   assert module_file == site_packages / 'vit_jax' / '__init__.py'
   assert model_count > 20  # ViT, hybrids, BiT and ViTc rows
   assert configs == 'None'  # configs/ stays in the repository
-  # The installed custom call's source compiles against the oneDNN wheels
-  # of the environment, wherever they are.
+  # The installed custom calls' sources compile against the oneDNN and MKL
+  # wheels of the environment, wherever they are.
   assert onednn == str(kernels_onednn.problem())
+  assert mkl == str(kernels_mkl.problem())
 
 
 def test_editable_install_imports_from_the_checkout(source, tmp_path):
@@ -196,7 +205,7 @@ def test_editable_install_imports_from_the_checkout(source, tmp_path):
   )
   (wheel,) = (tmp_path / 'dist').glob('vit_jax-*.whl')
   python, _ = install(wheel, tmp_path)
-  module_file, model_count, configs, _ = import_elsewhere(python, tmp_path)
+  module_file, model_count, configs, _, _ = import_elsewhere(python, tmp_path)
   assert module_file == source / 'vit_jax' / '__init__.py'
   assert model_count > 20
   assert configs == 'None'

@@ -18,7 +18,7 @@ from configs import benchmark as benchmark_config
 from helpers import COMPILATION_CACHE_FLAG, TINY_VIT
 from vit_jax import models
 from vit_jax.jobs import benchmark
-from vit_jax.kernels import onednn
+from vit_jax.kernels import mkl, onednn
 from vit_jax.models import common, vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -285,9 +285,8 @@ def test_cast_kernels_names_a_bad_dtype():
 @pytest.mark.skipif(
   onednn.problem() is not None, reason='oneDNN custom calls unavailable'
 )
-def test_one_cpu_device_with_bfloat16_runs_onednn_products(
-  tmp_path,
-):
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
   # main.py as a user runs it: one CPU device (no forced host devices).
   env = dict(os.environ)
   env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
@@ -302,6 +301,7 @@ def test_one_cpu_device_with_bfloat16_runs_onednn_products(
     'benchmark.warmup_steps': 1,
     'benchmark.steps': 2,
     'benchmark.peak_matmul_size': 256,
+    'model.dtype': dtype,
   }
   run = subprocess.run(
     [
@@ -320,14 +320,18 @@ def test_one_cpu_device_with_bfloat16_runs_onednn_products(
   )
   assert run.returncode == 0, run.stderr[-3000:]
   written = json.loads((tmp_path / 'benchmark.json').read_text())
-  assert written['device_count'] == 1 and written['matmul'] == 'mixed'
+  # bfloat16: oneDNN's products (the forward ones of too few rows stay
+  # XLA's); float32: MKL's, where it runs.
+  matmul, why = 'mixed', 'bfloat16 on one CPU device'
+  if dtype == 'float32':
+    matmul, why = 'mkl', 'float32 on one CPU device'
+    if mkl.problem():
+      matmul, why = 'xla', f'MKL cannot run: {mkl.problem()}'
+  assert written['device_count'] == 1 and written['matmul'] == matmul
   assert written['attention'] == 'onednn'
   assert math.isfinite(written['train']['final_loss'])
+  assert f"ViT dense products (matmul='auto'): {matmul} ({why})." in run.stderr
   assert (
-    "ViT dense products (matmul='auto'): mixed (bfloat16 on one CPU "
-    'device).' in run.stderr
-  )
-  assert (
-    "ViT attention (attention='auto'): onednn (bfloat16 on one CPU "
+    f"ViT attention (attention='auto'): onednn ({dtype} on one CPU "
     'device).' in run.stderr
   )

@@ -52,7 +52,9 @@ def test_auto_picks_onednn_on_one_cpu_device(monkeypatch, dtype):
 
 def test_auto_without_onednn_falls_back(monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  monkeypatch.setattr(common, 'onednn_problem', lambda: 'no oneDNN.')
+  monkeypatch.setattr(
+    common, 'custom_call_problem', lambda library: 'no oneDNN.'
+  )
   assert attention.resolve_implementation('auto', jnp.bfloat16, 64)[0] == (
     'product'
   )

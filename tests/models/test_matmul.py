@@ -17,53 +17,80 @@ from helpers import (
   tiny_vit,
 )
 from vit_jax import checkpoints
-from vit_jax.kernels import onednn
+from vit_jax.kernels import mkl, onednn
 from vit_jax.models import common
 
 needs_onednn = pytest.mark.skipif(
   onednn.problem() is not None,
   reason=f'oneDNN custom calls unavailable: {onednn.problem()}',
 )
+# The products of each custom-call implementation, where it can run.
+LIBRARY_MATMULS = [
+  pytest.param(
+    'onednn', marks=pytest.mark.skipif(onednn.problem() is not None, reason='no oneDNN')
+  ),
+  pytest.param(
+    'mkl', marks=pytest.mark.skipif(mkl.problem() is not None, reason='no MKL')
+  ),
+]  # fmt: skip
+TARGETS = {'onednn': onednn.TARGET, 'mixed': onednn.TARGET, 'mkl': mkl.TARGET}
 
 
-def custom_calls(function, *args) -> int:
-  """How many oneDNN products `function(*args)` runs."""
+def custom_calls(function, *args, matmul: str = 'onednn') -> int:
+  """How many products `function(*args)` runs in `matmul`'s custom call."""
   lowered = jax.jit(function).lower(*args).as_text()
-  return lowered.count(f'stablehlo.custom_call @{onednn.TARGET}(')
+  return lowered.count(f'stablehlo.custom_call @{TARGETS[matmul]}(')
 
 
-def test_auto_keeps_xla_with_several_devices_and_in_float32(monkeypatch):
+def test_auto_on_one_cpu_device_mkl_for_float32_onednn_for_bfloat16(
+  monkeypatch,
+):
   assert jax.device_count() == 8  # tests/conftest.py
   assert common.resolve_matmul('auto', 'bfloat16') == ('xla', '8 devices')
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
-  assert common.resolve_matmul('auto', 'float32') == ('xla', 'float32 compute')
-  monkeypatch.setattr(onednn, 'problem', lambda: 'no oneDNN here.')
-  assert common.resolve_matmul('auto', 'bfloat16') == (
-    'xla',
-    'oneDNN cannot run: no oneDNN here.',
-  )
+  monkeypatch.setattr(mkl, 'problem', lambda: None)
   monkeypatch.setattr(onednn, 'problem', lambda: None)
+  assert common.resolve_matmul('auto', 'float32') == (
+    'mkl',
+    'float32 on one CPU device',
+  )
   assert common.resolve_matmul('auto', 'bfloat16') == (
     'mixed',
     'bfloat16 on one CPU device',
+  )
+  monkeypatch.setattr(onednn, 'problem', lambda: 'no oneDNN here.')
+  assert common.resolve_matmul('auto', 'bfloat16') == (
+    'mkl',
+    'bfloat16 on one CPU device; oneDNN cannot run: no oneDNN here.',
+  )
+  monkeypatch.setattr(mkl, 'problem', lambda: 'no MKL here.')
+  assert common.resolve_matmul('auto', 'float32') == (
+    'xla',
+    'MKL cannot run: no MKL here.',
+  )
+  assert common.resolve_matmul('auto', 'bfloat16') == (
+    'xla',
+    'oneDNN cannot run: no oneDNN here.; MKL cannot run: no MKL here.',
   )
 
 
 def test_auto_keeps_xla_off_cpus(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert common.resolve_matmul('auto', 'bfloat16') == ('xla', 'gpu, not a CPU')
-  for name in ('onednn', 'mixed'):
+  for name in ('mkl', 'onednn', 'mixed'):
     with pytest.raises(ValueError, match=f"matmul='{name}' cannot run here"):
       common.resolve_matmul(name, 'bfloat16')
 
 
 def test_unknown_or_impossible_matmul_is_a_clear_error(monkeypatch):
-  with pytest.raises(ValueError, match=r"Unknown matmul 'mkl'"):
-    tiny_vit(matmul='mkl').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match=r"Unknown matmul 'blas'"):
+    tiny_vit(matmul='blas').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   monkeypatch.setattr(onednn, 'problem', lambda: 'oneDNN was not found.')
-  with pytest.raises(ValueError) as e:
-    tiny_vit(matmul='onednn').init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  assert 'oneDNN was not found.' in str(e.value) and "'xla'" in str(e.value)
+  monkeypatch.setattr(mkl, 'problem', lambda: 'MKL was not found.')
+  for matmul, why in (('onednn', 'oneDNN'), ('mkl', 'MKL')):
+    with pytest.raises(ValueError) as e:
+      tiny_vit(matmul=matmul).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    assert f'{why} was not found.' in str(e.value) and "'xla'" in str(e.value)
 
 
 def test_model_logs_what_it_picked(caplog):
@@ -74,24 +101,26 @@ def test_model_logs_what_it_picked(caplog):
   assert picked == ["ViT dense products (matmul='auto'): xla (8 devices)."]
 
 
-@needs_onednn
+@pytest.mark.parametrize('library', LIBRARY_MATMULS)
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
 @pytest.mark.parametrize('classifier', ['token', 'map'])
-def test_onednn_model_matches_numpy_and_xla(dtype, classifier):
+def test_library_model_matches_numpy_and_xla(library, dtype, classifier):
   images = random_images((2, 16, 16, 3))
   model = tiny_vit(dtype=dtype, classifier=classifier, matmul='xla')
   params = randomize(init_params(model, images))
   variables = {'params': params}
-  onednn_model = model.clone(matmul='onednn')
+  library_model = model.clone(matmul=library)
   # Every dense product of the blocks (q, k, v, out, two MLP layers) and
-  # the MAP head's, in oneDNN; the stem and the head stay XLA's.
+  # the MAP head's, in the library; the stem and the head stay XLA's.
   blocks = TINY_VIT['num_layers'] + (classifier == 'map')
-  assert custom_calls(onednn_model.apply, variables, images) == 6 * blocks
-  assert custom_calls(model.apply, variables, images) == 0
-  # 2 images x 17 tokens: too few rows for 'mixed' to leave XLA.
-  mixed = model.clone(matmul='mixed')
-  assert custom_calls(mixed.apply, variables, images) == 0
-  out = jax.jit(onednn_model.apply)(variables, images)
+  calls = custom_calls(library_model.apply, variables, images, matmul=library)
+  assert calls == 6 * blocks
+  assert custom_calls(model.apply, variables, images, matmul=library) == 0
+  if library == 'onednn':
+    # 2 images x 17 tokens: too few rows for 'mixed' to leave XLA.
+    mixed = model.clone(matmul='mixed')
+    assert custom_calls(mixed.apply, variables, images, matmul='mixed') == 0
+  out = jax.jit(library_model.apply)(variables, images)
   flat = {
     k: v.astype(np.float64)
     for k, v in checkpoints.npz.to_published(params).items()
@@ -105,10 +134,16 @@ def test_onednn_model_matches_numpy_and_xla(dtype, classifier):
   np.testing.assert_allclose(out, xla_out, rtol=0, atol=tolerance / 10)
 
 
-@needs_onednn
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
-@pytest.mark.parametrize('matmul, forward_calls', [('onednn', 6), ('mixed', 0)])
-def test_onednn_gradients_match_xla(dtype, matmul, forward_calls):
+@pytest.mark.parametrize(
+  'matmul, forward_calls',
+  [
+    pytest.param('mkl', 6, marks=LIBRARY_MATMULS[1].marks),
+    pytest.param('onednn', 6, marks=LIBRARY_MATMULS[0].marks),
+    pytest.param('mixed', 0, marks=LIBRARY_MATMULS[0].marks),
+  ],
+)
+def test_library_gradients_match_xla(dtype, matmul, forward_calls):
   images = random_images((2, 16, 16, 3))
   model = tiny_vit(dtype=dtype, matmul='xla')
   params = randomize(init_params(model, images))
@@ -120,7 +155,7 @@ def test_onednn_gradients_match_xla(dtype, matmul, forward_calls):
   def loss(p):
     return jnp.sum(model.clone(matmul=matmul).apply({'params': p}, images))
 
-  calls = custom_calls(jax.grad(loss), params)
+  calls = custom_calls(jax.grad(loss), params, matmul=matmul)
   assert calls == (forward_calls + 12) * TINY_VIT['num_layers']
   expected, got = grads('xla'), grads(matmul)
   # One scale for all: some gradients are zero up to rounding (the key

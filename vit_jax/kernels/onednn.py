@@ -7,7 +7,8 @@ matmuls) reads any strided view in place. `einsum` hands one batched matrix
 product, written as a two-operand einsum, to oneDNN through
 `onednn_matmul.cc`; `matmul` is its 2-D case. With it a ViT-B/16 bfloat16
 training step ran about 8% faster on an AMX-BF16 CPU (the dense layers'
-backward products).
+backward products; `matmul='mixed'`, the bfloat16 default on one CPU
+device). MKL's GEMM (`vit_jax/kernels/mkl.py`) is float32's.
 
 `attention` computes softmax(q k^T / sqrt(d)) v through
 `onednn_attention.cc`, one (image, head) and block of queries at a time,
@@ -27,21 +28,13 @@ the sources, jaxlib and oneDNN, and registered with XLA once per process.
 
 import ctypes
 import functools
-import hashlib
-import importlib.metadata
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
+
+from vit_jax.kernels import custom_calls
 
 TARGET = 'vit_jax_onednn_matmul'
 ATTENTION_TARGETS = ('vit_jax_onednn_attention', 'vit_jax_onednn_attention_bwd')
@@ -57,35 +50,12 @@ _HEADER = 'include/oneapi/dnnl/dnnl.hpp'
 _MARKERS = (f'lib/{_LIBRARY}', _HEADER)
 
 
-class Unavailable(RuntimeError):
-  """oneDNN's custom calls cannot run here (the message says why)."""
-
-
-def _installed_prefixes() -> list[str]:
-  """The data roots that pip's oneDNN wheels were installed under."""
-  prefixes = []
-  for name in _DISTRIBUTIONS:
-    try:
-      files = importlib.metadata.distribution(name).files or []
-    except importlib.metadata.PackageNotFoundError:
-      continue
-    for file in files:
-      for marker in _MARKERS:
-        if file.as_posix().endswith(marker):
-          path = pathlib.Path(file.locate()).resolve()
-          prefixes.append(str(path.parents[marker.count('/')]))
-  return prefixes
+Unavailable = custom_calls.Unavailable
 
 
 def _prefixes() -> list[pathlib.Path]:
   """Where to look for oneDNN's lib/ and include/ directories."""
-  candidates = [
-    os.environ.get('ONEDNN_ROOT'),
-    *_installed_prefixes(),
-    sysconfig.get_path('data'),
-    sys.prefix,
-  ]
-  return [pathlib.Path(c) for c in dict.fromkeys(candidates) if c]
+  return custom_calls.search_prefixes('ONEDNN_ROOT', _DISTRIBUTIONS, _MARKERS)
 
 
 def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
@@ -101,75 +71,18 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
   )
 
 
-def _cache_dir() -> pathlib.Path:
-  default = pathlib.Path.home() / '.cache' / 'vit_jax' / 'kernels'
-  return pathlib.Path(os.environ.get('VIT_JAX_KERNEL_CACHE', default))
-
-
 def _compile(include: pathlib.Path, library: pathlib.Path) -> pathlib.Path:
   """The shared object of `SOURCES`, compiled once per source/jaxlib/oneDNN."""
-  compiler = os.environ.get('CXX', 'g++')
-  if shutil.which(compiler) is None:
-    raise Unavailable(
-      f'no C++ compiler {compiler!r} to build the oneDNN custom calls (install '
-      'g++, e.g. `apt-get install g++`, or set $CXX).'
-    )
-  key = hashlib.sha256(
-    b'\0'.join(
-      [
-        *(source.read_bytes() for source in SOURCES),
-        jaxlib.__version__.encode(),
-        str(library.resolve()).encode(),
-        str(library.stat().st_size).encode(),
-        compiler.encode(),
-      ]
-    )
-  ).hexdigest()[:16]
-  cache = _cache_dir()
-  target = cache / f'onednn_matmul-{key}.so'
-  if target.is_file():
-    return target
-  cache.mkdir(parents=True, exist_ok=True)
-  # Compiled under a private name, then renamed: concurrent processes
-  # (pytest workers) never load a half-written file.
-  handle, partial = tempfile.mkstemp(suffix='.so', dir=cache)
-  os.close(handle)
-  command = [
-    compiler,
-    '-O3',
-    '-std=c++17',
-    '-fopenmp',  # The attention's blocks run in parallel.
-    '-shared',
-    '-fPIC',
-    '-w',
-    *map(str, SOURCES),
-    f'-I{jax.ffi.include_dir()}',
-    f'-I{include}',
-    f'-L{library.parent}',
-    f'-l:{_LIBRARY}',
-    f'-Wl,-rpath,{library.parent}',
-    '-o',
-    partial,
-  ]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
-  if result.returncode:
-    os.unlink(partial)
-    raise Unavailable(
-      f'compiling {", ".join(source.name for source in SOURCES)} failed ({" ".join(command)}):\n'
-      f'{result.stderr[-2000:]}'
-    )
-  os.replace(partial, target)
-  return target
+  # -fopenmp: the attention's blocks run in parallel.
+  return custom_calls.compile_sources(
+    'onednn', SOURCES, [include], [library], flags=['-fopenmp']
+  )
 
 
 @functools.cache
 def _register() -> None:
-  """Builds, loads and registers the custom call; raises Unavailable."""
-  if sys.platform != 'linux' or platform.machine() not in ('x86_64', 'AMD64'):
-    raise Unavailable(
-      f'the oneDNN custom calls are built for x86-64 Linux, not '
-      f'{sys.platform}/{platform.machine()}.'
-    )
+  """Builds, loads and registers the custom calls; raises Unavailable."""
+  custom_calls.require_x86_64_linux('oneDNN')
   include, library = _find_onednn()
   shared_object = ctypes.cdll.LoadLibrary(str(_compile(include, library)))
   handlers = (
@@ -259,25 +172,6 @@ def _parse(spec: str, a: jax.Array, b: jax.Array):
   )
 
 
-def _result(shape, dtype, operands, name: str) -> jax.ShapeDtypeStruct:
-  """A custom call's result, varying inside shard_map as its operands do."""
-  manual_axes = jax.typeof(operands[0]).mat
-  if any(jax.typeof(x).mat != manual_axes for x in operands):
-    kinds = ', '.join(str(jax.typeof(x)) for x in operands)
-    raise ValueError(
-      f'{name}: inside shard_map all operands must vary over the same mesh '
-      f'axes, not {kinds} (jax.lax.pcast one).'
-    )
-  if manual_axes.empty:
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(
-    shape,
-    dtype,
-    sharding=jax.typeof(operands[0]).sharding,
-    manual_axis_type=manual_axes,
-  )
-
-
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """A two-operand einsum that is a batched matrix product, in oneDNN.
 
@@ -307,7 +201,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return [strides[c] for c in axes]
 
   out_shape = tuple(sizes[c] for c in out)
-  result = _result(out_shape, jnp.float32, (a, b), 'einsum')
+  result = custom_calls.result_type(out_shape, jnp.float32, (a, b), 'einsum')
   call = jax.ffi.ffi_call(TARGET, result)
   return call(
     a,
@@ -339,20 +233,12 @@ def matmul(
 
   Raises:
     Unavailable: where the custom call cannot be built here.
+    ValueError: for operands that are not two matrices of one such dtype
+      whose contracted sizes agree.
   """
-  if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype:
-    raise ValueError(
-      f'matmul takes two 2-D arrays of one dtype, got {a.dtype}{a.shape} '
-      f'and {b.dtype}{b.shape}.'
-    )
-  inner = a.shape[0] if transpose_a else a.shape[1]
-  inner_b = b.shape[1] if transpose_b else b.shape[0]
-  if inner != inner_b:
-    raise ValueError(
-      f'matmul: contracted sizes differ ({inner} and {inner_b}) for '
-      f'{a.shape}, {b.shape}, transpose_a={transpose_a}, '
-      f'transpose_b={transpose_b}.'
-    )
+  custom_calls.matrix_product_shape(
+    'onednn.matmul', a, b, transpose_a, transpose_b
+  )
   a_letters = 'km' if transpose_a else 'mk'
   b_letters = 'nk' if transpose_b else 'kn'
   return einsum(f'{a_letters},{b_letters}->mn', a, b)
@@ -402,7 +288,9 @@ def _attention_fwd(query, key, value):
   _check_attention(query, key, value)
   call = jax.ffi.ffi_call(
     ATTENTION_TARGETS[0],
-    _result(query.shape, query.dtype, (query, key, value), 'attention'),
+    custom_calls.result_type(
+      query.shape, query.dtype, (query, key, value), 'attention'
+    ),
   )
   out = call(query, key, value, scale=np.float32(query.shape[-1] ** -0.5))
   return out, (query, key, value, out)
@@ -414,7 +302,7 @@ def _attention_bwd(residuals, out_grad):
   call = jax.ffi.ffi_call(
     ATTENTION_TARGETS[1],
     tuple(
-      _result(x.shape, x.dtype, operands, 'attention')
+      custom_calls.result_type(x.shape, x.dtype, operands, 'attention')
       for x in (query, key, value)
     ),
   )

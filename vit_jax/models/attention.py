@@ -246,9 +246,11 @@ def resolve_implementation(name: str, dtype, head_dim: int) -> tuple[str, str]:
       f"attention='cudnn' (cuDNN fused attention) cannot run here: {problem}."
       " Use attention='auto' (picks what runs here) or 'xla'."
     )
-  if name == 'onednn' and common.onednn_problem():
+  if name == 'onednn' and (
+    onednn_problem := common.custom_call_problem('onednn')
+  ):
     raise ValueError(
-      f"attention='onednn' cannot run here: {common.onednn_problem()} Use "
+      f"attention='onednn' cannot run here: {onednn_problem} Use "
       "attention='auto' (picks what runs here) or 'xla'."
     )
   if name != 'auto':
@@ -258,7 +260,11 @@ def resolve_implementation(name: str, dtype, head_dim: int) -> tuple[str, str]:
   # Several devices: XLA partitions attention over them itself, which it
   # cannot do for a custom call.
   devices = jax.device_count()
-  no_onednn = common.onednn_problem() if devices == 1 else f'{devices} devices'
+  no_onednn = (
+    common.custom_call_problem('onednn')
+    if devices == 1
+    else f'{devices} devices'
+  )
   if no_onednn is None:
     return 'onednn', f'{dtype.name} on one CPU device'
   if use_product_attention(dtype):

@@ -17,19 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.kernels import onednn
+from vit_jax.kernels import mkl, onednn
 
 Dtype = Any
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
-# Who runs the dense products: 'xla' (the backend's own), 'onednn' (all of
-# them in the oneDNN custom call of vit_jax/kernels, CPUs only), 'mixed'
-# (oneDNN but for the forward products of fewer than
+# Who runs the dense products: 'xla' (the backend's own), 'mkl' (all of
+# them in MKL's GEMM, the custom call of vit_jax/kernels/mkl.py, CPUs
+# only), 'onednn' (all of them in oneDNN, vit_jax/kernels/onednn.py),
+# 'mixed' (oneDNN but for the forward products of fewer than
 # `MIXED_ONEDNN_MIN_ROWS` rows, which stay XLA's) or 'auto' (see
 # `resolve_matmul`).
-MATMULS = ('auto', 'xla', 'onednn', 'mixed')
-_ONEDNN = ('onednn', 'mixed')
+MATMULS = ('auto', 'xla', 'mkl', 'onednn', 'mixed')
+_CUSTOM_CALLS = ('mkl', 'onednn', 'mixed')
 # Rows (batch x tokens) from which 'mixed' runs a forward product in oneDNN:
 # ViT-B/16 inference, bfloat16, was 5% faster in XLA at 1,576 rows (batch 8,
 # 224 px), 6% faster in oneDNN at 3,152 (batch 16), 25-29% at 4,616 (384 px)
@@ -57,41 +58,45 @@ def compute_dtype(name: str | Dtype) -> Dtype:
   return jnp.dtype(name)
 
 
-def onednn_problem() -> str | None:
-  """Why the oneDNN custom call cannot run products here, or None."""
+def custom_call_problem(library: str) -> str | None:
+  """Why `library`'s ('mkl' or 'onednn') custom calls cannot run here."""
   if jax.default_backend() != 'cpu':
     return f'it runs on CPUs, this is {jax.default_backend()}'
-  return onednn.problem()
+  return (mkl if library == 'mkl' else onednn).problem()
 
 
 def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   """The implementation of the dense products for a `matmul` option.
 
-  'auto' picks 'mixed' for bfloat16 on a single CPU device: the backward
-  products read an operand transposed, which oneDNN does in place and
-  XLA:CPU by a copy first (a ViT-B/16 training step ran about 8% faster);
-  XLA fuses a small forward product with its bias and rounding and ran it
-  faster, a large one slower (`MIXED_ONEDNN_MIN_ROWS`;
-  docs/performance-cpu.md). Everywhere else 'auto' is XLA: on GPUs and TPUs,
-  in float32 (where oneDNN was slower), and with several devices, whose
-  products XLA partitions itself.
+  On a single CPU device 'auto' picks 'mkl' for float32 where MKL's custom
+  call runs: ViT-B/16 training steps ran 1.20-1.25x faster than in XLA:CPU
+  (MKL's sgemm against YNNPACK's, and the backward products read an
+  operand transposed in place where XLA copies it first), inference 1.13x.
+  For bfloat16 it picks 'mixed' where oneDNN runs: the backward products
+  in oneDNN (about 8% faster than XLA's), and the small forward products
+  left to XLA, which fuses them with their bias and rounding; with every
+  product in MKL, ViT-Ti/16 inference ran at 0.8x and ViT-B/16 at batch 32
+  at 0.92-0.95x of that, at batch 8 the same (docs/performance-cpu.md).
+  Without oneDNN bfloat16 takes 'mkl', without MKL float32 takes 'xla'.
+  Everywhere else 'auto' is XLA: on GPUs and TPUs, and with several
+  devices, whose products XLA partitions itself.
 
   Args:
     name: one of `MATMULS`.
     dtype: the compute dtype.
 
   Returns:
-    (implementation, why): 'xla', 'onednn' or 'mixed', and the reason, for
-    the log.
+    (implementation, why): 'xla', 'mkl', 'onednn' or 'mixed', and the
+    reason, for the log.
 
   Raises:
-    ValueError: for an unknown name, or oneDNN where it cannot run.
+    ValueError: for an unknown name, or a custom call where it cannot run.
   """
   if name not in MATMULS:
     raise ValueError(f'Unknown matmul {name!r}; use one of {MATMULS}.')
   backend = jax.default_backend()
-  if name in _ONEDNN:
-    problem = onednn_problem()
+  if name in _CUSTOM_CALLS:
+    problem = custom_call_problem('mkl' if name == 'mkl' else 'onednn')
     if problem:
       raise ValueError(
         f'matmul={name!r} cannot run here: {problem} Use '
@@ -102,14 +107,21 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
     return 'xla', 'set explicitly'
   if backend != 'cpu':
     return 'xla', f'{backend}, not a CPU'
-  if compute_dtype(dtype) != jnp.bfloat16:
-    return 'xla', 'float32 compute'
   if jax.device_count() > 1:
     return 'xla', f'{jax.device_count()} devices'
-  problem = onednn_problem()
-  if problem:
-    return 'xla', f'oneDNN cannot run: {problem}'
-  return 'mixed', 'bfloat16 on one CPU device'
+  dtype = compute_dtype(dtype)
+  # (implementation, library, its name), in the order of preference above.
+  choices = [('mkl', 'mkl', 'MKL')]
+  if dtype == jnp.bfloat16:
+    choices.insert(0, ('mixed', 'onednn', 'oneDNN'))
+  problems = []
+  for implementation, library, label in choices:
+    problem = custom_call_problem(library)
+    if not problem:
+      why = f'{dtype.name} on one CPU device'
+      return implementation, '; '.join([why, *problems])
+    problems.append(f'{label} cannot run: {problem}')
+  return 'xla', '; '.join(problems)
 
 
 def cast_kernels(variables: Any, dtype: str | Dtype) -> Any:
@@ -211,16 +223,16 @@ def mixed_dot_general(
     dimension_numbers: as for `lax.dot_general`.
     dtype: the operands' compute dtype.
     output_dtype: the result's dtype.
-    matmul: one of `MATMULS`. oneDNN runs only products that are matrix
-      products of the reshaped operands (a dense layer's: the left operand's
-      trailing axes contracted with the right one's leading axes, no batch
-      axes); others stay XLA's.
+    matmul: one of `MATMULS`. MKL and oneDNN run only products that are
+      matrix products of the reshaped operands (a dense layer's: the left
+      operand's trailing axes contracted with the right one's leading axes,
+      no batch axes); others stay XLA's.
   """
   (lc, rc), (lb, rb) = dimension_numbers
   dimension_numbers = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
   lhs, rhs = _vary_alike(lhs, rhs)
   implementation, _ = resolve_matmul(matmul, dtype)
-  if implementation in _ONEDNN and not _is_matrix_product(
+  if implementation in _CUSTOM_CALLS and not _is_matrix_product(
     lhs, rhs, dimension_numbers
   ):
     implementation = 'xla'
@@ -273,19 +285,25 @@ def _product(lhs, rhs, dimension_numbers, implementation):
     *lhs.shape[: lhs.ndim - num_contracted],
     *rhs.shape[num_contracted:],
   )
-  return onednn.matmul(a, b).reshape(out_shape)
+  return _library_matmul(implementation)(a, b).reshape(out_shape)
 
 
-def _matrix_operand_grads(g, lhs, rhs, num_contracted: int):
-  """`_dot_operand_grads` of a matrix product, run by oneDNN.
+def _library_matmul(implementation: str):
+  """The custom call's 2-D product of an implementation ('mkl' or oneDNN)."""
+  return mkl.matmul if implementation == 'mkl' else onednn.matmul
+
+
+def _matrix_operand_grads(g, lhs, rhs, num_contracted: int, implementation):
+  """`_dot_operand_grads` of a matrix product, run by a custom call.
 
   Both read an operand transposed in place (the weight gradient, the
   activations), where XLA:CPU copies it first.
   """
+  matmul = _library_matmul(implementation)
   a, b = _as_matrices(lhs, rhs, num_contracted)
   g = g.reshape(a.shape[0], b.shape[1])
-  lhs_grad = onednn.matmul(g, b, transpose_b=True)
-  rhs_grad = onednn.matmul(a, g, transpose_a=True)
+  lhs_grad = matmul(g, b, transpose_b=True)
+  rhs_grad = matmul(a, g, transpose_a=True)
   return lhs_grad.reshape(lhs.shape), rhs_grad.reshape(rhs.shape)
 
 
@@ -323,9 +341,9 @@ def _mixed_dot_bwd(
   del output_dtype
   lhs, rhs = residuals
   g = g.astype(dtype)
-  if implementation in _ONEDNN:
+  if implementation in _CUSTOM_CALLS:
     lhs_grad, rhs_grad = _matrix_operand_grads(
-      g, lhs, rhs, len(dimension_numbers[0][1])
+      g, lhs, rhs, len(dimension_numbers[0][1]), implementation
     )
   else:
     lhs_grad, rhs_grad = _dot_operand_grads(g, lhs, rhs, dimension_numbers)

@@ -61,7 +61,8 @@ class VisionTransformer(nn.Module):
       `attention.IMPLEMENTATIONS` ('auto', 'xla', 'cudnn', 'product',
       'onednn').
     matmul: who runs the encoder's dense products, one of `common.MATMULS`
-      ('auto', 'xla', 'onednn', 'mixed'; see `common.resolve_matmul`).
+      ('auto', 'xla', 'mkl', 'onednn', 'mixed'; see
+      `common.resolve_matmul`).
     gelu_approximate: the MLPs' GELU is the tanh approximation (True, as the
       published JAX weights were trained) or the exact erf form (False, as
       timm's and Hugging Face's).
