@@ -6,9 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from vit_jax import data, models
+from vit_jax.kernels import mkl, onednn
 
 # main.py's flag for the session's compilation cache (see conftest.py).
 COMPILATION_CACHE_FLAG = (
@@ -71,6 +73,14 @@ def init_params(model, images):
 
 def random_images(shape, seed=1):
   return jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)
+
+
+def needs_custom_calls(library: str):
+  """Skips a test where `library`'s ('mkl' or 'onednn') custom calls fail."""
+  problem = {'mkl': mkl, 'onednn': onednn}[library].problem()
+  return pytest.mark.skipif(
+    problem is not None, reason=f'{library} custom calls unavailable: {problem}'
+  )
 
 
 def random_operands(shape_a, shape_b, dtype, seed=0):

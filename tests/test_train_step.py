@@ -10,9 +10,8 @@ import optax
 import pytest
 
 from configs import common
-from helpers import TINY_VIT, randomize
+from helpers import TINY_VIT, needs_custom_calls, randomize
 from vit_jax import checkpoints, models, optim, sharding, steps, train_state
-from vit_jax.kernels import onednn
 
 NUM_CLASSES = 10
 
@@ -124,9 +123,7 @@ def test_shard_map_step_equals_single_device(reference):
   assert_same_update(state, ref_state)
 
 
-@pytest.mark.skipif(
-  onednn.problem() is not None, reason='oneDNN custom calls unavailable'
-)
+@needs_custom_calls('onednn')
 @pytest.mark.parametrize(
   'mesh_shape, kind', [((1, 1), 'jit'), ((8, 1), 'jit'), ((8, 1), 'shard_map')]
 )

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from configs import benchmark as benchmark_config
-from helpers import COMPILATION_CACHE_FLAG, TINY_VIT
+from helpers import COMPILATION_CACHE_FLAG, TINY_VIT, needs_custom_calls
 from vit_jax import models
 from vit_jax.jobs import benchmark
-from vit_jax.kernels import mkl, onednn
+from vit_jax.kernels import mkl
 from vit_jax.models import common, vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -282,9 +282,7 @@ def test_cast_kernels_names_a_bad_dtype():
     common.cast_kernels({'kernel': jnp.zeros(2)}, 'float16')
 
 
-@pytest.mark.skipif(
-  onednn.problem() is not None, reason='oneDNN custom calls unavailable'
-)
+@needs_custom_calls('onednn')
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
 def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
   # main.py as a user runs it: one CPU device (no forced host devices).

@@ -5,24 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_operands
+from helpers import needs_custom_calls, random_operands
 from vit_jax.kernels import mkl, onednn
 
 MATMULS = [
-  pytest.param(
-    onednn.matmul,
-    id='onednn',
-    marks=pytest.mark.skipif(
-      onednn.problem() is not None, reason=f'no oneDNN: {onednn.problem()}'
-    ),
-  ),
-  pytest.param(
-    mkl.matmul,
-    id='mkl',
-    marks=pytest.mark.skipif(
-      mkl.problem() is not None, reason=f'no MKL: {mkl.problem()}'
-    ),
-  ),
+  pytest.param(onednn.matmul, id='onednn', marks=needs_custom_calls('onednn')),
+  pytest.param(mkl.matmul, id='mkl', marks=needs_custom_calls('mkl')),
 ]
 
 

@@ -8,13 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_operands
+from helpers import needs_custom_calls, random_operands
 from vit_jax.kernels import custom_calls, mkl
 
-pytestmark = pytest.mark.skipif(
-  mkl.problem() is not None,
-  reason=f'MKL custom call unavailable: {mkl.problem()}',
-)
+pytestmark = needs_custom_calls('mkl')
 
 
 def test_the_call_checks_shapes_and_dtypes_itself():

@@ -8,14 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_operands
+from helpers import needs_custom_calls, random_operands
 from vit_jax.kernels import onednn
 from vit_jax.models import attention
 
-pytestmark = pytest.mark.skipif(
-  onednn.problem() is not None,
-  reason=f'oneDNN custom calls unavailable: {onednn.problem()}',
-)
+pytestmark = needs_custom_calls('onednn')
 
 
 # Every product of attention's forward and backward passes, on

@@ -10,19 +10,16 @@ import pytest
 import numpy_reference as ref
 from helpers import (
   init_params,
+  needs_custom_calls,
   random_images,
   randomize,
   squared_output_gradients,
   tiny_vit,
 )
 from vit_jax import checkpoints
-from vit_jax.kernels import onednn
 from vit_jax.models import attention, common
 
-needs_onednn = pytest.mark.skipif(
-  onednn.problem() is not None,
-  reason=f'oneDNN custom calls unavailable: {onednn.problem()}',
-)
+needs_onednn = needs_custom_calls('onednn')
 # The implementations that compute the same function on this CPU.
 CPU_IMPLEMENTATIONS = [
   'xla',

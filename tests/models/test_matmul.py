@@ -11,6 +11,7 @@ import numpy_reference as ref
 from helpers import (
   TINY_VIT,
   init_params,
+  needs_custom_calls,
   random_images,
   randomize,
   squared_output_gradients,
@@ -20,19 +21,13 @@ from vit_jax import checkpoints
 from vit_jax.kernels import mkl, onednn
 from vit_jax.models import common
 
-needs_onednn = pytest.mark.skipif(
-  onednn.problem() is not None,
-  reason=f'oneDNN custom calls unavailable: {onednn.problem()}',
-)
+needs_onednn = needs_custom_calls('onednn')
+needs_mkl = needs_custom_calls('mkl')
 # The products of each custom-call implementation, where it can run.
 LIBRARY_MATMULS = [
-  pytest.param(
-    'onednn', marks=pytest.mark.skipif(onednn.problem() is not None, reason='no oneDNN')
-  ),
-  pytest.param(
-    'mkl', marks=pytest.mark.skipif(mkl.problem() is not None, reason='no MKL')
-  ),
-]  # fmt: skip
+  pytest.param('onednn', marks=needs_onednn),
+  pytest.param('mkl', marks=needs_mkl),
+]
 TARGETS = {'onednn': onednn.TARGET, 'mixed': onednn.TARGET, 'mkl': mkl.TARGET}
 
 
@@ -138,9 +133,9 @@ def test_library_model_matches_numpy_and_xla(library, dtype, classifier):
 @pytest.mark.parametrize(
   'matmul, forward_calls',
   [
-    pytest.param('mkl', 6, marks=LIBRARY_MATMULS[1].marks),
-    pytest.param('onednn', 6, marks=LIBRARY_MATMULS[0].marks),
-    pytest.param('mixed', 0, marks=LIBRARY_MATMULS[0].marks),
+    pytest.param('mkl', 6, marks=needs_mkl),
+    pytest.param('onednn', 6, marks=needs_onednn),
+    pytest.param('mixed', 0, marks=needs_onednn),
   ],
 )
 def test_library_gradients_match_xla(dtype, matmul, forward_calls):

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,21 @@ import jaxlib
 
 class Unavailable(RuntimeError):
   """A custom call cannot run here (the message says why)."""
+
+
+def problem_of(register: Callable[[], None]) -> str | None:
+  """Why `register` (a library's build-and-register step) fails, or None."""
+  try:
+    register()
+  except Unavailable as error:
+    return str(error)
+  return None
+
+
+def require(problem: str | None) -> None:
+  """Raises Unavailable with `problem` (a library's `problem()`), if any."""
+  if problem is not None:
+    raise Unavailable(problem)
 
 
 def require_x86_64_linux(what: str) -> None:

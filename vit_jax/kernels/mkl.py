@@ -97,11 +97,7 @@ def _register() -> None:
 @functools.cache
 def problem() -> str | None:
   """Why the MKL custom call cannot run here, or None if it can."""
-  try:
-    _register()
-  except Unavailable as error:
-    return str(error)
-  return None
+  return custom_calls.problem_of(_register)
 
 
 def matmul(
@@ -125,9 +121,7 @@ def matmul(
   rows, columns = custom_calls.matrix_product_shape(
     'mkl.matmul', a, b, transpose_a, transpose_b
   )
-  why = problem()
-  if why is not None:
-    raise Unavailable(why)
+  custom_calls.require(problem())
   call = jax.ffi.ffi_call(
     TARGET,
     custom_calls.result_type((rows, columns), jnp.float32, (a, b), 'matmul'),

@@ -99,18 +99,7 @@ def _register() -> None:
 @functools.cache
 def problem() -> str | None:
   """Why the oneDNN custom calls cannot run here, or None if they can."""
-  try:
-    _register()
-  except Unavailable as error:
-    return str(error)
-  return None
-
-
-def _require() -> None:
-  """Raises Unavailable, saying why, where the custom calls cannot run."""
-  why = problem()
-  if why is not None:
-    raise Unavailable(why)
+  return custom_calls.problem_of(_register)
 
 
 def _row_major_strides(shape) -> list[int]:
@@ -188,7 +177,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     ValueError: for a spec that is not such a product, or operands of
       different dtypes.
   """
-  _require()
+  custom_calls.require(problem())
   if a.dtype != b.dtype:
     raise ValueError(
       f'einsum takes operands of one dtype, got {a.dtype} and {b.dtype}.'
@@ -245,7 +234,7 @@ def matmul(
 
 
 def _check_attention(query, key, value) -> None:
-  _require()
+  custom_calls.require(problem())
   if query.ndim != 4 or key.shape != value.shape or key.ndim != 4:
     raise ValueError(
       'attention takes (batch, tokens, heads, head_dim) query, key and value '

@@ -30,7 +30,8 @@ COMPUTE_DTYPES = ('float32', 'bfloat16')
 # `MIXED_ONEDNN_MIN_ROWS` rows, which stay XLA's) or 'auto' (see
 # `resolve_matmul`).
 MATMULS = ('auto', 'xla', 'mkl', 'onednn', 'mixed')
-_CUSTOM_CALLS = ('mkl', 'onednn', 'mixed')
+# The custom-call implementations and the library (module) each runs on.
+_LIBRARY = {'mkl': mkl, 'onednn': onednn, 'mixed': onednn}
 # Rows (batch x tokens) from which 'mixed' runs a forward product in oneDNN:
 # ViT-B/16 inference, bfloat16, was 5% faster in XLA at 1,576 rows (batch 8,
 # 224 px), 6% faster in oneDNN at 3,152 (batch 16), 25-29% at 4,616 (384 px)
@@ -58,11 +59,11 @@ def compute_dtype(name: str | Dtype) -> Dtype:
   return jnp.dtype(name)
 
 
-def custom_call_problem(library: str) -> str | None:
-  """Why `library`'s ('mkl' or 'onednn') custom calls cannot run here."""
+def custom_call_problem(implementation: str) -> str | None:
+  """Why the library of 'mkl', 'onednn' or 'mixed' cannot run here, or None."""
   if jax.default_backend() != 'cpu':
     return f'it runs on CPUs, this is {jax.default_backend()}'
-  return (mkl if library == 'mkl' else onednn).problem()
+  return _LIBRARY[implementation].problem()
 
 
 def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
@@ -95,8 +96,8 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   if name not in MATMULS:
     raise ValueError(f'Unknown matmul {name!r}; use one of {MATMULS}.')
   backend = jax.default_backend()
-  if name in _CUSTOM_CALLS:
-    problem = custom_call_problem('mkl' if name == 'mkl' else 'onednn')
+  if name in _LIBRARY:
+    problem = custom_call_problem(name)
     if problem:
       raise ValueError(
         f'matmul={name!r} cannot run here: {problem} Use '
@@ -110,13 +111,13 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   if jax.device_count() > 1:
     return 'xla', f'{jax.device_count()} devices'
   dtype = compute_dtype(dtype)
-  # (implementation, library, its name), in the order of preference above.
-  choices = [('mkl', 'mkl', 'MKL')]
+  # (implementation, its library's name), in the order of preference above.
+  choices = [('mkl', 'MKL')]
   if dtype == jnp.bfloat16:
-    choices.insert(0, ('mixed', 'onednn', 'oneDNN'))
+    choices.insert(0, ('mixed', 'oneDNN'))
   problems = []
-  for implementation, library, label in choices:
-    problem = custom_call_problem(library)
+  for implementation, label in choices:
+    problem = custom_call_problem(implementation)
     if not problem:
       why = f'{dtype.name} on one CPU device'
       return implementation, '; '.join([why, *problems])
@@ -232,7 +233,7 @@ def mixed_dot_general(
   dimension_numbers = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
   lhs, rhs = _vary_alike(lhs, rhs)
   implementation, _ = resolve_matmul(matmul, dtype)
-  if implementation in _CUSTOM_CALLS and not _is_matrix_product(
+  if implementation in _LIBRARY and not _is_matrix_product(
     lhs, rhs, dimension_numbers
   ):
     implementation = 'xla'
@@ -285,12 +286,7 @@ def _product(lhs, rhs, dimension_numbers, implementation):
     *lhs.shape[: lhs.ndim - num_contracted],
     *rhs.shape[num_contracted:],
   )
-  return _library_matmul(implementation)(a, b).reshape(out_shape)
-
-
-def _library_matmul(implementation: str):
-  """The custom call's 2-D product of an implementation ('mkl' or oneDNN)."""
-  return mkl.matmul if implementation == 'mkl' else onednn.matmul
+  return _LIBRARY[implementation].matmul(a, b).reshape(out_shape)
 
 
 def _matrix_operand_grads(g, lhs, rhs, num_contracted: int, implementation):
@@ -299,7 +295,7 @@ def _matrix_operand_grads(g, lhs, rhs, num_contracted: int, implementation):
   Both read an operand transposed in place (the weight gradient, the
   activations), where XLA:CPU copies it first.
   """
-  matmul = _library_matmul(implementation)
+  matmul = _LIBRARY[implementation].matmul
   a, b = _as_matrices(lhs, rhs, num_contracted)
   g = g.reshape(a.shape[0], b.shape[1])
   lhs_grad = matmul(g, b, transpose_b=True)
@@ -341,7 +337,7 @@ def _mixed_dot_bwd(
   del output_dtype
   lhs, rhs = residuals
   g = g.astype(dtype)
-  if implementation in _CUSTOM_CALLS:
+  if implementation in _LIBRARY:
     lhs_grad, rhs_grad = _matrix_operand_grads(
       g, lhs, rhs, len(dimension_numbers[0][1]), implementation
     )
