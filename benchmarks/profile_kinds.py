@@ -112,7 +112,8 @@ def classify_hlo(text: str) -> str:
   if ' reduce(' in text:
     return 'reductions'
   ops = set(re.findall(r'= \w+\[[^\]]*\][^ ]* (\w+)\(', text))
-  ops -= {'parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element'}
+  # 'fusion' is the instruction's own line; its body says what it computes.
+  ops -= {'fusion', 'parameter', 'constant', 'bitcast', 'tuple'}
   if ops and ops <= {'convert'}:
     return 'casts'
   if ops and ops <= {'copy', 'transpose', 'convert', 'slice', 'concatenate'}:

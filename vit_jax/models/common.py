@@ -181,7 +181,7 @@ def _dot_operand_grads(g, lhs, rhs, dimension_numbers):
   return lhs_grad, rhs_grad
 
 
-def _vary_alike(*arrays: jax.Array) -> list[jax.Array]:
+def vary_alike(*arrays: jax.Array) -> list[jax.Array]:
   """Makes arrays vary over the same manual mesh axes (inside shard_map).
 
   jax's own binary ops do this implicitly; a custom_vjp must get operands of
@@ -231,7 +231,7 @@ def mixed_dot_general(
   """
   (lc, rc), (lb, rb) = dimension_numbers
   dimension_numbers = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
-  lhs, rhs = _vary_alike(lhs, rhs)
+  lhs, rhs = vary_alike(lhs, rhs)
   implementation, _ = resolve_matmul(matmul, dtype)
   if implementation in _LIBRARY and not _is_matrix_product(
     lhs, rhs, dimension_numbers

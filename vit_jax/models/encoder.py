@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import common
 from vit_jax.models.attention import MultiHeadDotProductAttention
+from vit_jax.models.layer_norm import LayerNorm
 
 LN_EPS = 1e-6
 
@@ -18,13 +19,7 @@ xavier_uniform = nn.initializers.xavier_uniform()
 
 
 def layer_norm(dtype, name, epsilon=LN_EPS):
-  return nn.LayerNorm(
-    epsilon=epsilon,
-    dtype=dtype,
-    scale_init=common.partitioned(nn.initializers.ones, ('embed',)),
-    bias_init=common.partitioned(nn.initializers.zeros, ('embed',)),
-    name=name,
-  )
+  return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
 def posemb_sincos_2d(
