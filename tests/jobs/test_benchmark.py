@@ -223,8 +223,10 @@ def test_attention_path_rule():
 def test_bfloat16_training_step_products_are_bfloat16():
   """No matmul of the bfloat16 gradient falls back to float32 operands.
 
-  The float32 ones are the head's (by design) and attention's row sums of
-  dO * O in its softmax gradient (elementwise products, not matmuls).
+  The float32 ones are the head's (by design), attention's row sums of
+  dO * O in its softmax gradient (elementwise products, not matmuls) and
+  LayerNorm's two row means in its backward pass (products of the float32
+  gradient with the scale vector, float32 by design).
   """
   model = models.get_model(
     'ViT-B_16', 10, patch_size=4, dtype='bfloat16', **TINY_VIT
@@ -241,11 +243,17 @@ def test_bfloat16_training_step_products_are_bfloat16():
   float32 = [o for o in operands if 'bf16' not in o]
   head = [o for o in float32 if 'x10xf32' in o or '2x10xf32' in o]
   row_sums = [o for o in float32 if o.count('tensor<2x17x4x8xf32>') == 2]
+  # Two per LayerNorm: two in each of the 2 blocks and the encoder's last.
+  layer_norms = [
+    o for o in float32 if 'tensor<2x17x32xf32>, tensor<32xf32>' in o
+  ]
   assert len(head) == 3 and len(row_sums) == 2, float32
-  assert len(float32) == 5, float32
+  assert len(layer_norms) == 2 * 5, float32
+  assert len(float32) == 15, float32
   # Per block: 6 dense and 2 attention products forward, 12 and 4 backward,
-  # plus the row sum; 2 blocks and the head's 3.
-  assert len(dots) == 2 * 25 + 3
+  # the row sum and 2 LayerNorms' 4 row means; 2 blocks, the last
+  # LayerNorm's 2 and the head's 3.
+  assert len(dots) == 2 * 29 + 2 + 3
 
 
 def test_kernels_cast_once_give_the_same_bfloat16_forward():
