@@ -327,12 +327,14 @@ def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
   assert run.returncode == 0, run.stderr[-3000:]
   written = json.loads((tmp_path / 'benchmark.json').read_text())
   # bfloat16: oneDNN's products (the forward ones of too few rows stay
-  # XLA's); float32: MKL's, where it runs.
+  # XLA's); float32: MKL's, where it runs on an Intel CPU.
   matmul, why = 'mixed', 'bfloat16 on one CPU device'
   if dtype == 'float32':
     matmul, why = 'mkl', 'float32 on one CPU device'
     if mkl.problem():
       matmul, why = 'xla', f'MKL cannot run: {mkl.problem()}'
+    elif mkl.unsuited():
+      matmul, why = 'xla', f'MKL not picked: {mkl.unsuited()}'
   assert written['device_count'] == 1 and written['matmul'] == matmul
   assert written['attention'] == 'onednn'
   assert math.isfinite(written['train']['final_loss'])

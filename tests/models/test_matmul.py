@@ -18,7 +18,7 @@ from helpers import (
   tiny_vit,
 )
 from vit_jax import checkpoints
-from vit_jax.kernels import mkl, onednn
+from vit_jax.kernels import custom_calls, mkl, onednn
 from vit_jax.models import common
 
 needs_onednn = needs_custom_calls('onednn')
@@ -31,7 +31,7 @@ LIBRARY_MATMULS = [
 TARGETS = {'onednn': onednn.TARGET, 'mixed': onednn.TARGET, 'mkl': mkl.TARGET}
 
 
-def custom_calls(function, *args, matmul: str = 'onednn') -> int:
+def count_custom_calls(function, *args, matmul: str = 'onednn') -> int:
   """How many products `function(*args)` runs in `matmul`'s custom call."""
   lowered = jax.jit(function).lower(*args).as_text()
   return lowered.count(f'stablehlo.custom_call @{TARGETS[matmul]}(')
@@ -43,6 +43,7 @@ def test_auto_on_one_cpu_device_mkl_for_float32_onednn_for_bfloat16(
   assert jax.device_count() == 8  # tests/conftest.py
   assert common.resolve_matmul('auto', 'bfloat16') == ('xla', '8 devices')
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  monkeypatch.setattr(custom_calls, 'cpu_vendor', lambda: 'GenuineIntel')
   monkeypatch.setattr(mkl, 'problem', lambda: None)
   monkeypatch.setattr(onednn, 'problem', lambda: None)
   assert common.resolve_matmul('auto', 'float32') == (
@@ -67,6 +68,42 @@ def test_auto_on_one_cpu_device_mkl_for_float32_onednn_for_bfloat16(
     'xla',
     'oneDNN cannot run: no oneDNN here.; MKL cannot run: no MKL here.',
   )
+
+
+def test_auto_passes_mkl_over_off_intel_cpus(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  monkeypatch.setattr(custom_calls, 'cpu_vendor', lambda: 'AuthenticAMD')
+  monkeypatch.setattr(mkl, 'problem', lambda: None)
+  monkeypatch.setattr(onednn, 'problem', lambda: None)
+  not_picked = (
+    "MKL not picked: its fast kernels are Intel's, and this CPU is "
+    'AuthenticAMD.'
+  )
+  assert common.resolve_matmul('auto', 'float32') == ('xla', not_picked)
+  assert common.resolve_matmul('auto', 'bfloat16') == (
+    'mixed',
+    'bfloat16 on one CPU device',
+  )
+  monkeypatch.setattr(onednn, 'problem', lambda: 'no oneDNN here.')
+  assert common.resolve_matmul('auto', 'bfloat16') == (
+    'xla',
+    f'oneDNN cannot run: no oneDNN here.; {not_picked}',
+  )
+  # Asked for by name, MKL runs on any CPU.
+  assert common.resolve_matmul('mkl', 'float32') == ('mkl', 'set explicitly')
+  monkeypatch.setattr(custom_calls, 'cpu_vendor', lambda: '')
+  assert 'this CPU is of an unknown vendor.' in mkl.unsuited()
+
+
+def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text(
+    'processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n'
+  )
+  assert custom_calls.cpu_vendor(cpuinfo) == 'AuthenticAMD'
+  cpuinfo.write_text('processor\t: 0\n')
+  assert custom_calls.cpu_vendor.__wrapped__(cpuinfo) == ''
+  assert custom_calls.cpu_vendor(tmp_path / 'missing') == ''
 
 
 def test_auto_keeps_xla_off_cpus(monkeypatch):
@@ -108,13 +145,17 @@ def test_library_model_matches_numpy_and_xla(library, dtype, classifier):
   # Every dense product of the blocks (q, k, v, out, two MLP layers) and
   # the MAP head's, in the library; the stem and the head stay XLA's.
   blocks = TINY_VIT['num_layers'] + (classifier == 'map')
-  calls = custom_calls(library_model.apply, variables, images, matmul=library)
+  calls = count_custom_calls(
+    library_model.apply, variables, images, matmul=library
+  )
   assert calls == 6 * blocks
-  assert custom_calls(model.apply, variables, images, matmul=library) == 0
+  assert count_custom_calls(model.apply, variables, images, matmul=library) == 0
   if library == 'onednn':
     # 2 images x 17 tokens: too few rows for 'mixed' to leave XLA.
     mixed = model.clone(matmul='mixed')
-    assert custom_calls(mixed.apply, variables, images, matmul='mixed') == 0
+    assert (
+      count_custom_calls(mixed.apply, variables, images, matmul='mixed') == 0
+    )
   out = jax.jit(library_model.apply)(variables, images)
   flat = {
     k: v.astype(np.float64)
@@ -150,7 +191,7 @@ def test_library_gradients_match_xla(dtype, matmul, forward_calls):
   def loss(p):
     return jnp.sum(model.clone(matmul=matmul).apply({'params': p}, images))
 
-  calls = custom_calls(jax.grad(loss), params, matmul=matmul)
+  calls = count_custom_calls(jax.grad(loss), params, matmul=matmul)
   assert calls == (forward_calls + 12) * TINY_VIT['num_layers']
   expected, got = grads('xla'), grads(matmul)
   # One scale for all: some gradients are zero up to rounding (the key
@@ -176,7 +217,7 @@ def test_mixed_runs_large_forward_products_in_onednn(matmul):
 
   def forward_calls(rows):
     activations = jnp.ones((rows // 4, 4, 8), jnp.float32)
-    return custom_calls(
+    return count_custom_calls(
       lambda x, w: common.mixed_dot_general(
         x, w, dimension_numbers, jnp.bfloat16, jnp.float32, matmul
       ),

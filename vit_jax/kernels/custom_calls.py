@@ -8,11 +8,13 @@ sources, jaxlib and the libraries linked) and types the calls' results
 inside and outside shard_map.
 """
 
+import functools
 import hashlib
 import importlib.metadata
 import os
 import pathlib
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +53,20 @@ def require_x86_64_linux(what: str) -> None:
       f'the {what} custom calls are built for x86-64 Linux, not '
       f'{sys.platform}/{platform.machine()}.'
     )
+
+
+@functools.cache
+def cpu_vendor(cpuinfo: pathlib.Path = pathlib.Path('/proc/cpuinfo')) -> str:
+  """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...), '' if unknown.
+
+  Read from Linux's /proc/cpuinfo, where the custom calls run; '' elsewhere.
+  """
+  try:
+    text = cpuinfo.read_text()
+  except OSError:
+    return ''
+  match = re.search(r'^vendor_id\s*:\s*(\S+)', text, flags=re.MULTILINE)
+  return match.group(1) if match else ''
 
 
 def installed_prefixes(

@@ -100,6 +100,25 @@ def problem() -> str | None:
   return custom_calls.problem_of(_register)
 
 
+def unsuited() -> str | None:
+  """Why `matmul='auto'` should not pick MKL on this CPU, or None.
+
+  MKL's fast GEMM kernels are Intel's. On a 2-core AMD EPYC with AVX-512
+  and AVX512-BF16 (2026-12-03) its products ran ViT-B/16's shapes at
+  160-185 GFLOP/s in both dtypes, where XLA's float32 ones ran at 290-410
+  and oneDNN's bfloat16 ones at 670-800, and a float32 training step took
+  1.7x as long as with XLA's products. So `auto` takes it on Intel CPUs
+  only; `matmul='mkl'` still runs it anywhere.
+  """
+  vendor = custom_calls.cpu_vendor()
+  if vendor == 'GenuineIntel':
+    return None
+  return (
+    "its fast kernels are Intel's, and this CPU is "
+    f'{vendor or "of an unknown vendor"}.'
+  )
+
+
 def matmul(
   a: jax.Array,
   b: jax.Array,

@@ -70,15 +70,18 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   """The implementation of the dense products for a `matmul` option.
 
   On a single CPU device 'auto' picks 'mkl' for float32 where MKL's custom
-  call runs: ViT-B/16 training steps ran 1.20-1.25x faster than in XLA:CPU
-  (MKL's sgemm against YNNPACK's, and the backward products read an
-  operand transposed in place where XLA copies it first), inference 1.13x.
+  call runs on an Intel CPU: ViT-B/16 training steps ran 1.20-1.25x faster
+  than in XLA:CPU (MKL's sgemm against YNNPACK's, and the backward
+  products read an operand transposed in place where XLA copies it
+  first), inference 1.13x. On other CPUs MKL is slow (`mkl.unsuited`) and
+  float32 takes 'xla'.
   For bfloat16 it picks 'mixed' where oneDNN runs: the backward products
   in oneDNN (about 8% faster than XLA's), and the small forward products
   left to XLA, which fuses them with their bias and rounding; with every
   product in MKL, ViT-Ti/16 inference ran at 0.8x and ViT-B/16 at batch 32
   at 0.92-0.95x of that, at batch 8 the same (docs/performance-cpu.md).
-  Without oneDNN bfloat16 takes 'mkl', without MKL float32 takes 'xla'.
+  Without oneDNN bfloat16 takes 'mkl' (on Intel CPUs) or 'xla', without
+  MKL float32 takes 'xla'.
   Everywhere else 'auto' is XLA: on GPUs and TPUs, and with several
   devices, whose products XLA partitions itself.
 
@@ -118,10 +121,13 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
   problems = []
   for implementation, label in choices:
     problem = custom_call_problem(implementation)
-    if not problem:
+    if problem:
+      problems.append(f'{label} cannot run: {problem}')
+    elif implementation == 'mkl' and (unsuited := mkl.unsuited()):
+      problems.append(f'{label} not picked: {unsuited}')
+    else:
       why = f'{dtype.name} on one CPU device'
       return implementation, '; '.join([why, *problems])
-    problems.append(f'{label} cannot run: {problem}')
   return 'xla', '; '.join(problems)
 
 
