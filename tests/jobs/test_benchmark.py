@@ -331,10 +331,10 @@ def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
   matmul, why = 'mixed', 'bfloat16 on one CPU device'
   if dtype == 'float32':
     matmul, why = 'mkl', 'float32 on one CPU device'
-    if mkl.problem():
-      matmul, why = 'xla', f'MKL cannot run: {mkl.problem()}'
-    elif mkl.unsuited():
+    if mkl.unsuited():
       matmul, why = 'xla', f'MKL not picked: {mkl.unsuited()}'
+    elif mkl.problem():
+      matmul, why = 'xla', f'MKL cannot run: {mkl.problem()}'
   assert written['device_count'] == 1 and written['matmul'] == matmul
   assert written['attention'] == 'onednn'
   assert math.isfinite(written['train']['final_loss'])

@@ -73,7 +73,11 @@ def test_auto_on_one_cpu_device_mkl_for_float32_onednn_for_bfloat16(
 def test_auto_passes_mkl_over_off_intel_cpus(monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 1)
   monkeypatch.setattr(custom_calls, 'cpu_vendor', lambda: 'AuthenticAMD')
-  monkeypatch.setattr(mkl, 'problem', lambda: None)
+
+  def build_mkl():
+    raise AssertionError('MKL was built where auto would not pick it.')
+
+  monkeypatch.setattr(mkl, 'problem', build_mkl)
   monkeypatch.setattr(onednn, 'problem', lambda: None)
   not_picked = (
     "MKL not picked: its fast kernels are Intel's, and this CPU is "
@@ -90,6 +94,7 @@ def test_auto_passes_mkl_over_off_intel_cpus(monkeypatch):
     f'oneDNN cannot run: no oneDNN here.; {not_picked}',
   )
   # Asked for by name, MKL runs on any CPU.
+  monkeypatch.setattr(mkl, 'problem', lambda: None)
   assert common.resolve_matmul('mkl', 'float32') == ('mkl', 'set explicitly')
   monkeypatch.setattr(custom_calls, 'cpu_vendor', lambda: '')
   assert 'this CPU is of an unknown vendor.' in mkl.unsuited()

@@ -120,11 +120,12 @@ def resolve_matmul(name: str, dtype: str | Dtype) -> tuple[str, str]:
     choices.insert(0, ('mixed', 'oneDNN'))
   problems = []
   for implementation, label in choices:
-    problem = custom_call_problem(implementation)
-    if problem:
-      problems.append(f'{label} cannot run: {problem}')
-    elif implementation == 'mkl' and (unsuited := mkl.unsuited()):
+    # Checked first, so that MKL is not built where it would not be picked.
+    unsuited = mkl.unsuited() if implementation == 'mkl' else None
+    if unsuited:
       problems.append(f'{label} not picked: {unsuited}')
+    elif problem := custom_call_problem(implementation):
+      problems.append(f'{label} cannot run: {problem}')
     else:
       why = f'{dtype.name} on one CPU device'
       return implementation, '; '.join([why, *problems])
