@@ -17,6 +17,7 @@ import pytest
 from configs import benchmark as benchmark_config
 from helpers import COMPILATION_CACHE_FLAG, TINY_VIT, needs_custom_calls
 from vit_jax import models
+from vit_jax.analysis import measure
 from vit_jax.jobs import benchmark
 from vit_jax.kernels import mkl
 from vit_jax.models import common, vit
@@ -97,6 +98,8 @@ def test_machine_memory_and_setting_fields(results):
   )
   assert step['argument'] > 0 and step['alias'] > 0  # The donated state.
   assert results['backend'] == jax.default_backend() == 'cpu'
+  assert results['host_allocator'] == measure.host_allocator()
+  assert results['host_allocator'] in ('glibc', *measure._ALLOCATORS)
   assert results['device_count'] == jax.device_count()
   assert results['mesh'] == {'data': jax.device_count(), 'model': 1}
   assert results['process_count'] == 1
@@ -285,6 +288,25 @@ def test_kernels_cast_once_give_the_same_bfloat16_forward():
   )
 
 
+def test_host_allocator_reads_the_mapped_libraries(tmp_path):
+  maps = tmp_path / 'maps'
+  libc = (
+    '7f01-7f02 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n'
+  )
+  maps.write_text(libc)
+  assert measure.host_allocator(maps) == 'glibc'
+  maps.write_text(
+    libc + '7f03-7f04 r-xp 00000000 08:01 43 '
+    '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n'
+  )
+  assert measure.host_allocator(maps) == 'tcmalloc'
+  maps.write_text(
+    libc + '7f05-7f06 r-xp 0 08:01 44 /opt/lib/libjemalloc.so.2\n'
+  )
+  assert measure.host_allocator(maps) == 'jemalloc'
+  assert measure.host_allocator(tmp_path / 'missing') == ''
+
+
 def test_cast_kernels_names_a_bad_dtype():
   with pytest.raises(ValueError, match='float16'):
     common.cast_kernels({'kernel': jnp.zeros(2)}, 'float16')
@@ -298,6 +320,7 @@ def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
   env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
     '--xla_force_host_platform_device_count=8', ''
   )
+  env.pop('LD_PRELOAD', None)  # glibc's malloc, and the hint it gets.
   overrides = {
     'model.patch_size': 4,
     **{f'model.{k}': v for k, v in TINY_VIT.items()},
@@ -339,6 +362,9 @@ def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
   assert written['attention'] == 'onednn'
   assert math.isfinite(written['train']['final_loss'])
   assert f"ViT dense products (matmul='auto'): {matmul} ({why})." in run.stderr
+  assert written['host_allocator'] == 'glibc'
+  assert 'glibc malloc' in run.stdout
+  assert benchmark.GLIBC_MALLOC_HINT in run.stderr
   assert (
     f"ViT attention (attention='auto'): onednn ({dtype} on one CPU "
     'device).' in run.stderr
