@@ -41,10 +41,11 @@ def host_allocator(maps: pathlib.Path = pathlib.Path('/proc/self/maps')) -> str:
 
   'tcmalloc', 'jemalloc' or 'mimalloc' where one is loaded (preloaded or
   linked), 'glibc' where none is, '' where `maps` cannot be read (not
-  Linux). It matters on CPUs: glibc's malloc hands XLA:CPU's large step buffers back
-  to the kernel when freed, so every step faults their pages in anew (some
-  277,000 page faults and 0.47 s of system time per ViT-B/16 bfloat16
-  training step, batch 8); tcmalloc keeps them (README, Performance).
+  Linux). It matters on CPUs: glibc's malloc hands XLA:CPU's large step
+  buffers back to the kernel when freed, so every step faults their pages
+  in anew (some 277,000 page faults and 0.47 s of system time per ViT-B/16
+  bfloat16 training step, batch 8); tcmalloc keeps them (README,
+  Performance).
   """
   try:
     text = maps.read_text()
