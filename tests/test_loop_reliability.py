@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -306,13 +307,30 @@ def test_a_failed_save_stops_the_run_at_once_naming_path_and_space(
   tmp_path, monkeypatch
 ):  # item 12
   rename = atomicity.async_path.rename
+  save_failed = threading.Event()
 
   async def disk_full_from_step_20(source, target, *args, **kwargs):
     if Path(target).name.isdigit() and int(Path(target).name) >= 20:
+      save_failed.set()
       raise OSError(errno.ENOSPC, 'No space left on device')
     return await rename(source, target, *args, **kwargs)
 
+  train_iter = data.Dataset.train_iter
+
+  def waiting_for_the_failure(self, start_step, *args, **kwargs):
+    # Tiny steps can outrun a save thread starved by a loaded machine: hold
+    # the batch of step 150 until the save has failed, and a second more for
+    # its thread to end, so that the loop must see the failure on the 50
+    # steps before the next save (which would wait for it anyway).
+    batches = train_iter(self, start_step, *args, **kwargs)
+    for number, batch in enumerate(batches, start_step + 1):
+      if number == 150:
+        assert save_failed.wait(timeout=120), 'the save of step 100 never ran'
+        time.sleep(1)
+      yield batch
+
   monkeypatch.setattr(atomicity.async_path, 'rename', disk_full_from_step_20)
+  monkeypatch.setattr(data.Dataset, 'train_iter', waiting_for_the_failure)
   with pytest.raises(checkpoints.CheckpointSaveError) as error:
     in_process_run(
       tmp_path, log_every=1, eval_every=0, total_steps=400,
@@ -324,7 +342,6 @@ def test_a_failed_save_stops_the_run_at_once_naming_path_and_space(
   assert 'starts again from step 0' in message  # nothing saved before 100
   # Stopped before the next checkpoint step (200), where the manager would
   # wait for the failed save anyway: the failure was seen on a step between.
-  # (With saves 20 steps apart a loaded machine's save thread took longer.)
   assert max(r['step'] for r in metric_records(tmp_path)) < 200
 
 
