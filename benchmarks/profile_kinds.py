@@ -8,8 +8,13 @@ products, attention, GELU, LayerNorm, casts, copies and transposes,
 reductions, other element-wise work, the patch embedding, and the wall
 time. XLA's operations are classified by what their HLO computes (a fusion
 by the operations inside it); torch's by operator name. XLA's executor may
-run two operations at once, so its operation times can add up to more
-than the wall time.
+run two operations at once: each moment of its profile is split evenly
+among the operations running then, so that its column adds up to the time
+some operation was running ('busy'). 'untraced' is the rest of the wall
+time (both are means over the profiled steps): on a CPU mostly the float32
+products that XLA hands to Eigen, which finish on Eigen's threads after
+their own events end; where another operation runs beside them, their
+work can show up in its time instead.
 
   python benchmarks/profile_kinds.py --mode=inference \\
     --settings=model.dtype=bfloat16,benchmark.inference_kernel_dtype=bfloat16 \\
@@ -123,6 +128,34 @@ def classify_hlo(text: str) -> str:
   return 'other'
 
 
+def attribute(events: list[tuple[str, float, float]]) -> dict[str, float]:
+  """Each label's share of the time, from (label, start, duration) events.
+
+  Every moment is split evenly among the events running then, so that
+  operations that ran at once, each on part of the CPU, are not counted
+  twice: the shares add up to the time during which anything ran.
+  """
+  boundaries = []
+  for label, start, duration in events:
+    boundaries.append((start, 1, label))
+    boundaries.append((start + duration, -1, label))
+  # Ends before starts at the same moment, so back-to-back events never overlap.
+  boundaries.sort(key=lambda b: (b[0], b[1]))
+  running = collections.Counter()
+  shares = collections.Counter()
+  previous = None
+  for moment, change, label in boundaries:
+    count = sum(running.values())
+    if count:
+      for name, n in running.items():
+        shares[name] += (moment - previous) * n / count
+    running[label] += change
+    if not running[label]:
+      del running[label]
+    previous = moment
+  return dict(shares)
+
+
 def _trace_events(directory: str) -> list[dict]:
   (path,) = glob.glob(f'{directory}/**/*.trace.json.gz', recursive=True)
   with gzip.open(path) as f:
@@ -170,12 +203,16 @@ def project_profile(overrides: list[str]) -> dict[str, float]:
         jax.block_until_ready(step())
         walls.append(time.perf_counter() - start)
     events = _trace_events(directory)
-  totals = collections.Counter()
-  for event in events:
-    if event.get('ph') == 'X' and event.get('name') in kinds_of:
-      totals[kinds_of[event['name']]] += event['dur'] / 1e3  # us -> ms
-  result = {k: v / _STEPS.value for k, v in totals.items()}
-  result['wall'] = statistics.median(walls) * 1e3
+  totals = attribute(
+    [
+      (kinds_of[event['name']], event['ts'], event['dur'])
+      for event in events
+      if event.get('ph') == 'X' and event.get('name') in kinds_of
+    ]
+  )
+  result = {k: v / 1e3 / _STEPS.value for k, v in totals.items()}  # us -> ms
+  result['busy'] = sum(result.values())
+  result['wall'] = statistics.mean(walls) * 1e3
   return result
 
 
@@ -211,7 +248,10 @@ def main(argv):
     f'timm {_TIMM_DTYPE.value} |'
   )
   print('|---|---|---|')
-  for kind in (*KINDS, 'wall'):
+  for side in (ours, theirs):
+    if side:
+      side['untraced'] = max(side['wall'] - side['busy'], 0.0)
+  for kind in (*KINDS, 'busy', 'untraced', 'wall'):
     if kind in ours or kind in theirs:
       cells = [
         f'{side[kind]:,.0f}' if kind in side else '-' for side in (ours, theirs)

@@ -84,7 +84,7 @@ TORCH_KINDS = {
 
 
 def profile_kinds(step, steps: int) -> dict[str, float]:
-  """ms per step of each kind of work (operators' self time), and 'wall'."""
+  """ms per step of each kind of work (operators' self time), 'busy', 'wall'."""
   walls = []
   activities = [torch.profiler.ProfilerActivity.CPU]
   with torch.profiler.profile(activities=activities) as profile:
@@ -103,7 +103,8 @@ def profile_kinds(step, steps: int) -> dict[str, float]:
       'other',
     )
     totals[kind] += event.self_cpu_time_total / 1e3 / steps
-  return {**totals, 'wall': statistics.median(walls) * 1e3}
+  busy = sum(totals.values())
+  return {**totals, 'busy': busy, 'wall': statistics.mean(walls) * 1e3}
 
 
 def main():

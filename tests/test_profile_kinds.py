@@ -63,3 +63,22 @@ def test_layer_norm_is_layer_norm(profile_kinds):
   x = jnp.ones((4, 8, 32))
   variables = module.init(jax.random.key(0), x)
   assert 'LayerNorm' in kinds_of(profile_kinds, module.apply, variables, x)
+
+
+@pytest.mark.parametrize(
+  'events, shares',
+  [
+    # Half-overlapping: the shared 5 units go half to each.
+    ([('a', 0, 10), ('b', 5, 10)], {'a': 5 + 2.5, 'b': 2.5 + 5}),
+    # Back to back, the same kind: nothing is shared.
+    ([('a', 0, 4), ('a', 4, 4)], {'a': 8}),
+    # Two operations of one kind beside one of another: 2/3 and 1/3.
+    ([('a', 0, 9), ('a', 0, 9), ('b', 0, 9)], {'a': 6, 'b': 3}),
+    # One inside another, then a gap, which belongs to no one.
+    ([('a', 0, 8), ('b', 2, 4), ('b', 20, 1)], {'a': 6, 'b': 2 + 1}),
+  ],
+)
+def test_time_is_split_among_operations_running_at_once(
+  profile_kinds, events, shares
+):
+  assert profile_kinds.attribute(events) == pytest.approx(shares)
