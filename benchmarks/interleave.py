@@ -42,7 +42,8 @@ _SETTINGS = flags.DEFINE_string(
   'settings',
   'model.dtype=bfloat16;model.dtype=float32',
   "This project's settings: ';'-separated lists of ','-separated config "
-  'overrides.',
+  'overrides and upper-case environment variables of that worker '
+  "(e.g. 'LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4').",
 )
 _TIMM_DTYPES = flags.DEFINE_list(
   'timm_dtypes',
@@ -155,6 +156,7 @@ def _workers() -> list[Worker]:
             f'--res={shared.RES.value}', f'--mode={_MODE.value}']  # fmt: skip
   workers = []
   for setting in _SETTINGS.value.split(';'):
+    env, overrides = shared.split_setting(setting)
     workers.append(
       Worker(
         f'this project {setting}',
@@ -162,9 +164,10 @@ def _workers() -> list[Worker]:
           sys.executable,
           os.path.abspath(__file__),
           '--worker=project',
-          f'--overrides={setting}',
+          f'--overrides={",".join(overrides)}',
           *common,
         ],
+        env={**os.environ, **env},
       )
     )
   timm_env = dict(os.environ)

@@ -4,6 +4,8 @@ The flags naming the model, its timm twin, batch, resolution and timm's
 environment, and the benchmark job's config with 'key=value' overrides.
 """
 
+import re
+
 from absl import flags
 
 MODEL = flags.DEFINE_string('model', 'ViT-B_16', 'Registry name.')
@@ -48,3 +50,21 @@ def project_config(overrides: list[str]):
     dict((k, parse_value(v)) for k, v in (o.split('=', 1) for o in overrides))
   )
   return config
+
+
+def split_setting(setting: str) -> tuple[dict[str, str], list[str]]:
+  """A ','-separated setting's environment variables and config overrides.
+
+  Upper-case names (`LD_PRELOAD=...`, `GLIBC_TUNABLES=...`) are environment
+  variables of the worker's process, which must be set before it starts
+  (the allocator is chosen then); the rest are config overrides, e.g.
+  'LD_PRELOAD=/usr/lib/libtcmalloc.so,model.dtype=bfloat16'.
+  """
+  env, overrides = {}, []
+  for item in filter(None, setting.split(',')):
+    name, _, value = item.partition('=')
+    if re.fullmatch(r'[A-Z_][A-Z0-9_]*', name):
+      env[name] = value
+    else:
+      overrides.append(item)
+  return env, overrides
