@@ -211,7 +211,6 @@ def project_profile(overrides: list[str]) -> dict[str, float]:
     ]
   )
   result = {k: v / 1e3 / _STEPS.value for k, v in totals.items()}  # us -> ms
-  result['busy'] = sum(result.values())
   result['wall'] = statistics.mean(walls) * 1e3
   return result
 
@@ -250,6 +249,7 @@ def main(argv):
   print('|---|---|---|')
   for side in (ours, theirs):
     if side:
+      side['busy'] = sum(side.get(kind, 0.0) for kind in KINDS)
       side['untraced'] = max(side['wall'] - side['busy'], 0.0)
   for kind in (*KINDS, 'busy', 'untraced', 'wall'):
     if kind in ours or kind in theirs:

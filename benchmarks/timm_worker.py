@@ -84,7 +84,7 @@ TORCH_KINDS = {
 
 
 def profile_kinds(step, steps: int) -> dict[str, float]:
-  """ms per step of each kind of work (operators' self time), 'busy', 'wall'."""
+  """ms per step of each kind of work (operators' self time), and 'wall'."""
   walls = []
   activities = [torch.profiler.ProfilerActivity.CPU]
   with torch.profiler.profile(activities=activities) as profile:
@@ -103,8 +103,7 @@ def profile_kinds(step, steps: int) -> dict[str, float]:
       'other',
     )
     totals[kind] += event.self_cpu_time_total / 1e3 / steps
-  busy = sum(totals.values())
-  return {**totals, 'busy': busy, 'wall': statistics.mean(walls) * 1e3}
+  return {**totals, 'wall': statistics.mean(walls) * 1e3}
 
 
 def main():
