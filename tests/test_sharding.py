@@ -21,6 +21,28 @@ def test_mesh_shapes_and_errors():
     sharding.rules_for('zero3')
 
 
+def test_a_cpu_mesh_keeps_the_given_device_order():
+  devices = jax.devices()[::-1]
+  mesh = sharding.create_mesh(4, 2, devices)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in devices]
+
+
+@pytest.mark.parametrize(
+  'failure', [NotImplementedError, AssertionError, ValueError]
+)
+def test_devices_mesh_utils_cannot_lay_out_keep_the_given_order(
+  monkeypatch, failure
+):
+  def cannot_lay_out(shape, devices):
+    raise failure('no layout of this TPU slice for the mesh shape')
+
+  monkeypatch.setattr(sharding.mesh_utils, 'create_device_mesh', cannot_lay_out)
+  devices = jax.devices()[1:5]
+  mesh = sharding.create_mesh(2, 2, devices)
+  assert mesh.shape == {'data': 2, 'model': 2}
+  assert [d.id for d in mesh.devices.flat] == [1, 2, 3, 4]
+
+
 def test_partition_rules_place_parameters():
   model = models.get_model('ViT-B_16', 8, patch_size=4, **TINY_VIT)
   abstract = jax.eval_shape(

@@ -92,12 +92,18 @@ def create_mesh(
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(data, model, len(devices))
   try:
-    # Orders devices by the physical topology (TPU slices, GPU hosts).
+    # Orders TPU devices by the slice's physical topology and GPUs by id;
+    # other devices (CPUs) it keeps in the given order.
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError):
-    # It knows no topology for some device kinds and subsets (e.g. a few of
-    # the CPU devices, or shapes it cannot tile); the given order, which
-    # keeps each process's devices contiguous, is then the mesh.
+    # TPU devices it cannot lay out, each failure with its own exception:
+    # a mesh shape that no product of the torus's axes tiles
+    # (NotImplementedError), a subset whose coordinates leave a hole, or
+    # more than one core per chip (AssertionError); ValueError, which this
+    # JAX raises only for layouts this call does not ask for (contiguous
+    # submeshes, a device count other than the shape's), stays for other
+    # JAX versions within the supported range. The given order, which keeps
+    # each process's devices contiguous, is then the mesh.
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 
