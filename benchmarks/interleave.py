@@ -5,8 +5,9 @@ and per timm dtype, each holding its model and compiled step, then runs
 `--steps` rounds in which every worker takes one training step in turn
 (A B C D A B C D ...), so that the load of a noisy machine falls on all of
 them alike. Prints, as a Markdown table, each worker's median and range of
-images/s, this project's rate over timm's in the same dtype (the median of
-the per-round ratios) and each worker's peak host memory (its own process).
+images/s, this project's rate over timm's in the same dtype and over its
+first setting's (each the median of the per-round ratios) and each worker's
+peak host memory (its own process).
 
   python benchmarks/interleave.py --steps=15
   python benchmarks/interleave.py --timm_dtypes= --settings=\
@@ -189,6 +190,17 @@ def _workers() -> list[Worker]:
   return workers
 
 
+def _ratio(worker, reference) -> str:
+  """How much faster `worker` ran: the median of the per-round ratios."""
+  if reference is None or reference is worker:
+    return '-'
+  ratio = statistics.median(
+    theirs / ours
+    for ours, theirs in zip(worker.times, reference.times, strict=True)
+  )
+  return f'{ratio:.2f}x'
+
+
 def main(argv):
   del argv
   if _WORKER.value == 'project':
@@ -208,27 +220,28 @@ def main(argv):
       worker.close()
   batch = shared.BATCH.value
   timm = {w.name.split()[-1]: w for w in workers if w.name.startswith('timm')}
+  first = workers[0]  # This project's first setting.
   lines = [
     f'| {shared.MODEL.value} {_MODE.value}, batch {batch}, {shared.RES.value} px | '
     'img/s median | '
-    'min-max | vs timm, same dtype | peak host GiB |',
-    '|---|---|---|---|---|',
+    'min-max | vs timm, same dtype | vs the first setting | peak host GiB |',
+    '|---|---|---|---|---|---|',
   ]
   for worker in workers:
     rates = [batch / t for t in worker.times]
     reference = timm.get(_TIMM_DTYPES_OF.get(worker.dtype, ''))
-    ratio = '-'
-    if reference is not None and reference is not worker:
-      ratio = statistics.median(
-        t / o for o, t in zip(worker.times, reference.times, strict=True)
-      )
-      ratio = f'{ratio:.2f}x'
+    ratio = _ratio(worker, reference)
+    if worker.name.startswith('timm'):
+      against_first = '-'
+    else:
+      against_first = _ratio(worker, first)
     memory = '-' if worker.peak_bytes is None else (
       f'{worker.peak_bytes / 2**30:.2f}'
     )  # fmt: skip
     lines.append(
       f'| {worker.name} | {statistics.median(rates):.2f} | '
-      f'{min(rates):.2f}-{max(rates):.2f} | {ratio} | {memory} |'
+      f'{min(rates):.2f}-{max(rates):.2f} | {ratio} | {against_first} | '
+      f'{memory} |'
     )
   # Other processes' load slows timm's threads (which wait for each other)
   # more than XLA's: a run whose load exceeds the cores says little.

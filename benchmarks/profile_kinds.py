@@ -102,14 +102,15 @@ def classify_hlo(text: str) -> str:
   """The kind of work of one XLA operation, from its HLO."""
   if 'onednn_attention' in text:
     return 'attention'
+  # The patch embedding runs as a product on CPUs: named by its module.
+  if 'convolution(' in text or '/embedding/' in text:
+    return 'patch embedding'
   if any(call in text for call in ('onednn_matmul', 'mkl_gemm', ' dot(')):
     # Attention's own products ('product' and 'xla' attention) contract
     # four-dimensional (batch, heads, tokens, head_dim) operands.
     if re.search(r'dot\(\w+\[\d+,\d+,\d+,\d+\]', text) or 'exponential' in text:
       return 'attention'
     return 'dense products'
-  if 'convolution(' in text:
-    return 'patch embedding'
   if 'tanh(' in text or 'erf(' in text:
     return 'GELU'
   if 'rsqrt(' in text:

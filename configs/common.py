@@ -147,6 +147,9 @@ def base() -> ml_collections.ConfigDict:
   config.model.attention = config_dict.placeholder(str)
   # Dense products: 'auto', 'xla' or 'onednn' (see vit_jax/models/common.py).
   config.model.matmul = config_dict.placeholder(str)
+  # The patch embedding: 'auto' (a product on CPUs, a convolution
+  # elsewhere), 'conv' or 'product' (see vit_jax/models/patch_embedding.py).
+  config.model.patch_embedding = config_dict.placeholder(str)
   # Weights trained elsewhere: exact GELU (False: timm, Hugging Face) and
   # big_vision's 'sincos2d' position embedding or classifier='map'.
   config.model.gelu_approximate = config_dict.placeholder(bool)

@@ -65,6 +65,25 @@ def test_layer_norm_is_layer_norm(profile_kinds):
   assert 'LayerNorm' in kinds_of(profile_kinds, module.apply, variables, x)
 
 
+@pytest.mark.parametrize('implementation', ['conv', 'product'])
+def test_patch_embedding_is_patch_embedding(profile_kinds, implementation):
+  from vit_jax.models.patch_embedding import PatchEmbedding
+
+  # Named 'embedding', as in the ViT, whose name the products' HLO carries.
+  module = PatchEmbedding(32, 4, implementation=implementation)
+  images = jnp.ones((2, 16, 16, 3))
+  variables = module.init(jax.random.key(0), images)
+
+  def embed(variables, images):
+    return module.apply(variables, images)
+
+  kinds = kinds_of(
+    profile_kinds, jax.named_call(embed, name='embedding'), variables, images
+  )
+  assert 'patch embedding' in kinds
+  assert 'dense products' not in kinds
+
+
 @pytest.mark.parametrize(
   'events, shares',
   [

@@ -433,17 +433,20 @@ def test_bfloat16_matmuls_accumulate_in_float32():
     .lower({'params': params}, images)
     .as_text()
   )
-  # Every dot outputs f32. The encoder's dense layers (the dots without
-  # batch dimensions; the batched ones are inside
-  # jax.nn.dot_product_attention) take bf16 operands: no bf16 -> bf16 matmul.
-  # The head runs in float32.
+  # Every dot outputs f32. The encoder's dense layers and the patch
+  # embedding (a product on CPUs: patches (B, N, p, p, 3) contracted with
+  # the kernel) are the dots without batch dimensions (the batched ones are
+  # inside jax.nn.dot_product_attention) and take bf16 operands: no bf16 ->
+  # bf16 matmul. The head runs in float32.
   dots = [
     line
     for line in hlo.splitlines()
     if 'stablehlo.dot_general' in line and 'batching_dims' not in line
   ]
   bf16_dots = [line for line in dots if 'bf16' in line.split('->')[0]]
-  assert len(bf16_dots) == 2 * 6  # 2 blocks x (q, k, v, out, 2 MLP)
+  embedding = [d for d in bf16_dots if '[2, 3, 4] x [0, 1, 2]' in d]
+  assert len(embedding) == 1
+  assert len(bf16_dots) == 1 + 2 * 6  # 2 blocks x (q, k, v, out, 2 MLP)
   for line in dots:
     assert 'f32' in line.split('->')[-1], line
 

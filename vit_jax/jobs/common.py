@@ -33,7 +33,7 @@ PyTree = Any
 # Model attributes settable on the command line (None keeps the registry's
 # or the description's value): the architecture of a checkpoint without a
 # description that differs from its registry entry (e.g. the digits model's
-# 4x4 patches and 4 layers), how it computes (dtype, attention and matmul kernels) and
+# 4x4 patches and 4 layers), how it computes (dtype, attention, matmul and patch-embedding kernels) and
 # how its weights were trained (GELU, position embedding).
 MODEL_KEYS = {
   'patch_size': int,
@@ -48,6 +48,7 @@ MODEL_KEYS = {
   'posemb': str,
   'attention': str,
   'matmul': str,
+  'patch_embedding': str,
   'dtype': str,
 }
 

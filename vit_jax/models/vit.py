@@ -22,6 +22,7 @@ from absl import logging
 
 from vit_jax.models import attention, common, resnet
 from vit_jax.models.encoder import Encoder, MAPHead, posemb_sincos_2d
+from vit_jax.models.patch_embedding import PatchEmbedding
 
 # Imported from this module before they moved to `attention`.
 product_attention = attention.product_attention
@@ -63,6 +64,10 @@ class VisionTransformer(nn.Module):
     matmul: who runs the encoder's dense products, one of `common.MATMULS`
       ('auto', 'xla', 'mkl', 'onednn', 'mixed'; see
       `common.resolve_matmul`).
+    patch_embedding: how the patch embedding runs, one of
+      `patch_embedding.IMPLEMENTATIONS` ('auto': a product on CPUs, a
+      convolution elsewhere; 'conv'; 'product'): the same parameters and
+      results up to the order of the float32 sums.
     gelu_approximate: the MLPs' GELU is the tanh approximation (True, as the
       published JAX weights were trained) or the exact erf form (False, as
       timm's and Hugging Face's).
@@ -96,6 +101,7 @@ class VisionTransformer(nn.Module):
   dtype: str = 'float32'
   attention: str = 'auto'
   matmul: str = 'auto'
+  patch_embedding: str = 'auto'
   gelu_approximate: bool = True
   posemb: str = 'learn'
   layer_norm_eps: float = 1e-6
@@ -193,17 +199,14 @@ class VisionTransformer(nn.Module):
       kernel_init = nn.initializers.lecun_normal()
     else:  # ViTc's final 1x1 conv.
       kernel_init = nn.initializers.variance_scaling(1.0, 'fan_out', 'normal')
-    x = nn.Conv(
+    x = PatchEmbedding(
       self.hidden_size,
-      (self.patch_size, self.patch_size),
-      strides=(self.patch_size, self.patch_size),
-      padding='VALID',
-      dtype=dtype,
-      conv_general_dilated=common.conv_general_dilated(dtype),
+      self.patch_size,
+      dtype=self.dtype,
       kernel_init=common.partitioned(
         kernel_init, (*resnet.CONV_AXES[:3], 'embed')
       ),
-      bias_init=common.partitioned(nn.initializers.zeros, ('embed',)),
+      implementation=self.patch_embedding,
       name='embedding',
     )(x)
     batch, height, width, channels = x.shape
