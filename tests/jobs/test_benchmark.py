@@ -253,10 +253,14 @@ def test_bfloat16_training_step_products_are_bfloat16():
   assert len(head) == 3 and len(row_sums) == 2, float32
   assert len(layer_norms) == 2 * 5, float32
   assert len(float32) == 15, float32
+  # The patch embedding, a product on CPUs: forward and kernel gradient
+  # (the images' gradient is not computed), both bfloat16.
+  embedding = [o for o in operands if 'tensor<2x16x4x4x3xbf16>' in o]
+  assert len(embedding) == 2, embedding
   # Per block: 6 dense and 2 attention products forward, 12 and 4 backward,
   # the row sum and 2 LayerNorms' 4 row means; 2 blocks, the last
-  # LayerNorm's 2 and the head's 3.
-  assert len(dots) == 2 * 29 + 2 + 3
+  # LayerNorm's 2, the head's 3 and the patch embedding's 2.
+  assert len(dots) == 2 * 29 + 2 + 3 + 2
 
 
 def test_kernels_cast_once_give_the_same_bfloat16_forward():
