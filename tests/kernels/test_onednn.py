@@ -1,5 +1,6 @@
 """The oneDNN custom calls: products, attention, errors and how they are built."""
 
+import functools
 import os
 import pathlib
 
@@ -282,3 +283,64 @@ def test_attention_runs_inside_shard_map_per_image():
     attention_float64(q, k, v),
     atol=ATTENTION_TOLERANCE['float32'],
   )
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+@pytest.mark.parametrize('shape_q, keys', ATTENTION_SHAPES)
+def test_kept_weights_give_the_recomputed_gradients_to_the_bit(
+  monkeypatch, shape_q, keys, dtype
+):
+  q, k, v = attention_inputs(shape_q, keys, dtype, seed=4)
+  cotangent = jnp.asarray(np.random.default_rng(5).standard_normal(shape_q))
+  batch, queries, heads, _ = shape_q
+  kept_type = f'tensor<{batch}x{heads}x{queries}x{keys}x'
+
+  def gradients(max_bytes):
+    monkeypatch.setattr(onednn, 'KEPT_WEIGHTS_MAX_BYTES', max_bytes)
+
+    def loss(*x):
+      return jnp.sum(onednn.attention(*x).astype(jnp.float32) * cotangent)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad(q, k, v), grad.lower(q, k, v).as_text()
+
+  kept, kept_hlo = gradients(2**40)
+  recomputed, recomputed_hlo = gradients(0)
+  # The forward call's second result: the weights, or an empty array.
+  assert kept_type in kept_hlo and kept_type not in recomputed_hlo
+  for a, b in zip(kept, recomputed, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_kept_weights_inside_shard_map_give_its_gradients():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  spec = jax.sharding.PartitionSpec('data')
+  q, k, v = attention_inputs((8, 17, 2, 16), 17, 'float32')
+  assert onednn.keeps_weights(q, k)
+
+  def loss(attend, *x):
+    return jnp.sum(attend(*x) ** 2)
+
+  sharded = jax.shard_map(
+    onednn.attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec
+  )
+  grads = jax.jit(jax.grad(functools.partial(loss, sharded), (0, 1, 2)))
+  expected = jax.jit(
+    jax.grad(functools.partial(loss, onednn.attention), (0, 1, 2))
+  )
+  for a, b in zip(grads(q, k, v), expected(q, k, v), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_kept_weights_of_another_size_are_refused_by_the_call():
+  # Called directly (onednn.attention always passes the right size).
+  q, k, v = attention_inputs((2, 17, 2, 16), 17, 'float32')
+  call = jax.ffi.ffi_call(
+    onednn.ATTENTION_TARGETS[0],
+    (
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((2, 2, 17, 16), q.dtype),  # 16 keys, not 17.
+    ),
+  )
+  with pytest.raises(Exception, match='kept weights must be an empty array'):
+    jax.block_until_ready(call(q, k, v, scale=np.float32(0.25)))

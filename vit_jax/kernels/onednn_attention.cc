@@ -13,7 +13,9 @@
 // (vit_jax.models.attention.product_attention): float32 logits times the
 // scale, softmax in float32, weights rounded to the inputs' dtype, products
 // accumulated in float32 and rounded to the dtype. The backward pass
-// recomputes each block's weights rather than storing them.
+// recomputes each block's weights, unless the forward pass was given an
+// array to keep them in (where they are small enough to keep: see
+// vit_jax/kernels/onednn.py), which the backward pass then reads instead.
 //
 // Arrays are row-major (batch, tokens, heads, head_dim), bfloat16 or
 // float32, all of one dtype. A task copies its keys, values and query
@@ -301,14 +303,14 @@ void Run(Workspace& w, const Op<Primitive>& p,
   p.primitive.execute(w.stream, memories);
 }
 
-// The weights (rows, keys) of one block, softmax(scale * q k^T), from its
-// dense (padded) query block and the workspace's transposed keys.
-void Weights(Workspace& w, const Block& b, char* query) {
+// The weights (rows, keys) of one block, softmax(scale * q k^T), into
+// `weights` (dense rows), from its dense (padded) query block and the
+// workspace's transposed keys.
+void Weights(Workspace& w, const Block& b, char* query, char* weights) {
   Run(w, b.logits, {{DNNL_ARG_SRC, query},
                     {DNNL_ARG_WEIGHTS, w.key_t.data()},
                     {DNNL_ARG_DST, w.logits.data()}});
-  Run(w, b.softmax,
-      {{DNNL_ARG_SRC, w.logits.data()}, {DNNL_ARG_DST, w.weights.data()}});
+  Run(w, b.softmax, {{DNNL_ARG_SRC, w.logits.data()}, {DNNL_ARG_DST, weights}});
 }
 
 float ToFloat(float x) { return x; }
@@ -360,7 +362,32 @@ struct Call {
   void Scatter(char* array, const char* dense, int64_t rows) const {
     ::Scatter(array, dense, rows, row_bytes, stride_bytes);
   }
+  // Where the weights of (image, head)'s query `first` start in a kept
+  // (batch, heads, queries, keys) array.
+  char* KeptWeights(char* kept, int64_t image, int64_t head,
+                    int64_t first) const {
+    const int64_t row = (image * s.heads + head) * s.queries + first;
+    return kept + row * s.keys * Bytes(s.type);
+  }
 };
+
+// The array that keeps the weights, or null where the call was given an
+// empty one (then they are recomputed); an error for any other size.
+ffi::Error FindKept(const Shape& s, ffi::DataType type, size_t count,
+                    void* data, char** kept) {
+  *kept = nullptr;
+  if (count == 0) return ffi::Error::Success();
+  const size_t expected = s.batch * s.heads * s.queries * s.keys;
+  const ffi::DataType dtype =
+      s.type == Type::bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
+  if (count != expected || type != dtype) {
+    return ffi::Error::InvalidArgument(
+        "onednn_attention: the kept weights must be an empty array or a "
+        "(batch, heads, queries, keys) one of the query's dtype");
+  }
+  *kept = static_cast<char*>(data);
+  return ffi::Error::Success();
+}
 
 ffi::Error Check(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                  Shape* shape) {
@@ -466,13 +493,21 @@ ffi::Error Start(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 }
 
 ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   ffi::Result<ffi::AnyBuffer> out, float scale) {
+                   ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::AnyBuffer> weights, float scale) {
   Call c;
   if (ffi::Error error = Start(q, k, v, scale, &c); error.failure()) {
     return error;
   }
   const Shape& s = c.s;
   char* o = static_cast<char*>(out->untyped_data());
+  char* kept;
+  if (ffi::Error error =
+          FindKept(s, weights->element_type(), weights->element_count(),
+                      weights->untyped_data(), &kept);
+      error.failure()) {
+    return error;
+  }
   // One task per (image, head), whose keys and values are copied once.
   return Parallel(*c.plan, s.batch * s.heads, [&](Workspace& w, int64_t task) {
     const int64_t image = task / s.heads, head = task % s.heads;
@@ -484,8 +519,10 @@ ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       const Block& b = c.plan->ForRows(rows);
       const size_t at = c.Offset(image, first, head, s.queries);
       c.Gather(w.query_padded.data(), c.q + at, rows, /*padded=*/true);
-      Weights(w, b, w.query_padded.data());
-      Run(w, b.out, {{DNNL_ARG_SRC, w.weights.data()},
+      char* p = kept ? c.KeptWeights(kept, image, head, first)
+                     : w.weights.data();
+      Weights(w, b, w.query_padded.data(), p);
+      Run(w, b.out, {{DNNL_ARG_SRC, p},
                      {DNNL_ARG_WEIGHTS, w.value.data()},
                      {DNNL_ARG_DST, w.result.data()}});
       c.Scatter(o + at, w.result.data(), rows);
@@ -494,18 +531,20 @@ ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 }
 
 // Softmax backward for one block, rounded to the dtype T:
-// logits_grad = P * (dP - rowsum(dO * O)) * scale, with dP in `logits`, dO
-// the dense out_grad block and O the (strided) forward result.
+// logits_grad = P * (dP - rowsum(dO * O)) * scale, with P the block's
+// weights, dP in `logits`, dO the dense out_grad block and O the (strided)
+// forward result.
 template <typename T>
 inline __attribute__((always_inline)) void SoftmaxGrad(Workspace& w,
                                                        const Shape& s,
                                                        int64_t rows,
-                                                       const char* out) {
+                                                       const char* out,
+                                                       const char* weights) {
   const int64_t d = s.head_dim, t = s.keys, r = s.row_stride();
   const T* o = reinterpret_cast<const T*>(out);
   const T* og = reinterpret_cast<const T*>(w.out_grad.data());
   const float* dp = reinterpret_cast<const float*>(w.logits.data());
-  const T* p = reinterpret_cast<const T*>(w.weights.data());
+  const T* p = reinterpret_cast<const T*>(weights);
   T* ds = reinterpret_cast<T*>(w.logits_grad.data());
   for (int64_t i = 0; i < rows; ++i) {
     float row = 0.0f;
@@ -521,11 +560,12 @@ inline __attribute__((always_inline)) void SoftmaxGrad(Workspace& w,
 
 // SoftmaxGrad compiled for AVX-512 and AVX2 as well, picked when loaded.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void
-SoftmaxGradFor(Workspace& w, const Shape& s, int64_t rows, const char* out) {
+SoftmaxGradFor(Workspace& w, const Shape& s, int64_t rows, const char* out,
+               const char* weights) {
   if (s.type == Type::bf16) {
-    SoftmaxGrad<uint16_t>(w, s, rows, out);
+    SoftmaxGrad<uint16_t>(w, s, rows, out, weights);
   } else {
-    SoftmaxGrad<float>(w, s, rows, out);
+    SoftmaxGrad<float>(w, s, rows, out, weights);
   }
 }
 
@@ -543,7 +583,7 @@ void ScatterRounded(char* strided, const float* dense, const Shape& s) {
 
 ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                     ffi::AnyBuffer out, ffi::AnyBuffer out_grad,
-                    ffi::Result<ffi::AnyBuffer> q_grad,
+                    ffi::AnyBuffer weights, ffi::Result<ffi::AnyBuffer> q_grad,
                     ffi::Result<ffi::AnyBuffer> k_grad,
                     ffi::Result<ffi::AnyBuffer> v_grad, float scale) {
   Call c;
@@ -564,6 +604,13 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   char* qg = static_cast<char*>(q_grad->untyped_data());
   char* kg = static_cast<char*>(k_grad->untyped_data());
   char* vg = static_cast<char*>(v_grad->untyped_data());
+  char* kept;
+  if (ffi::Error error =
+          FindKept(s, weights.element_type(), weights.element_count(),
+                      weights.untyped_data(), &kept);
+      error.failure()) {
+    return error;
+  }
   // One task per (image, head): its key and value gradients add up over
   // the blocks of queries.
   return Parallel(*c.plan, s.batch * s.heads, [&](Workspace& w, int64_t task) {
@@ -589,12 +636,18 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
         c.Gather(query, c.q + at, rows, /*padded=*/true);
         c.Gather(out_grad_rows, og + at, rows, /*padded=*/true);
       }
-      Weights(w, b, query);
+      // The weights the forward pass kept, or computed again.
+      char* p = w.weights.data();
+      if (kept) {
+        p = c.KeptWeights(kept, image, head, first);
+      } else {
+        Weights(w, b, query, p);
+      }
       Run(w, b.weights_grad, {{DNNL_ARG_SRC, out_grad_rows},
                               {DNNL_ARG_WEIGHTS, w.value_t.data()},
                               {DNNL_ARG_DST, w.logits.data()}});
       w.stream.wait();
-      SoftmaxGradFor(w, s, rows, o + at);
+      SoftmaxGradFor(w, s, rows, o + at, p);
       Run(w, b.query_grad, {{DNNL_ARG_SRC, w.logits_grad.data()},
                             {DNNL_ARG_WEIGHTS, w.key.data()},
                             {DNNL_ARG_DST, w.result.data()}});
@@ -602,7 +655,7 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       Run(w, b.key_grad, {{DNNL_ARG_SRC, w.logits_grad.data()},
                           {DNNL_ARG_WEIGHTS, w.query.data()},
                           {DNNL_ARG_DST, w.key_grad.data()}});
-      Run(w, b.value_grad, {{DNNL_ARG_SRC, w.weights.data()},
+      Run(w, b.value_grad, {{DNNL_ARG_SRC, p},
                             {DNNL_ARG_WEIGHTS, w.out_grad.data()},
                             {DNNL_ARG_DST, w.value_grad.data()}});
     }
@@ -624,10 +677,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VitJaxOnednnAttention, Forward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitJaxOnednnAttentionBackward, Backward,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
