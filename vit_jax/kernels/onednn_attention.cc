@@ -372,20 +372,20 @@ struct Call {
 };
 
 // The array that keeps the weights, or null where the call was given an
-// empty one (then they are recomputed); an error for any other size.
-ffi::Error FindKept(const Shape& s, ffi::DataType type, size_t count,
-                    void* data, char** kept) {
+// empty one (then they are recomputed); an error for any other size or a
+// dtype other than the query's.
+ffi::Error FindKept(const Shape& s, ffi::DataType query_type,
+                    const ffi::AnyBuffer& weights, char** kept) {
   *kept = nullptr;
-  if (count == 0) return ffi::Error::Success();
+  if (weights.element_count() == 0) return ffi::Error::Success();
   const size_t expected = s.batch * s.heads * s.queries * s.keys;
-  const ffi::DataType dtype =
-      s.type == Type::bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
-  if (count != expected || type != dtype) {
+  if (weights.element_count() != expected ||
+      weights.element_type() != query_type) {
     return ffi::Error::InvalidArgument(
         "onednn_attention: the kept weights must be an empty array or a "
         "(batch, heads, queries, keys) one of the query's dtype");
   }
-  *kept = static_cast<char*>(data);
+  *kept = static_cast<char*>(weights.untyped_data());
   return ffi::Error::Success();
 }
 
@@ -502,9 +502,7 @@ ffi::Error Forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   const Shape& s = c.s;
   char* o = static_cast<char*>(out->untyped_data());
   char* kept;
-  if (ffi::Error error =
-          FindKept(s, weights->element_type(), weights->element_count(),
-                      weights->untyped_data(), &kept);
+  if (ffi::Error error = FindKept(s, q.element_type(), *weights, &kept);
       error.failure()) {
     return error;
   }
@@ -605,9 +603,7 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   char* kg = static_cast<char*>(k_grad->untyped_data());
   char* vg = static_cast<char*>(v_grad->untyped_data());
   char* kept;
-  if (ffi::Error error =
-          FindKept(s, weights.element_type(), weights.element_count(),
-                      weights.untyped_data(), &kept);
+  if (ffi::Error error = FindKept(s, q.element_type(), weights, &kept);
       error.failure()) {
     return error;
   }
