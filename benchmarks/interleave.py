@@ -52,6 +52,17 @@ _TIMM_DTYPES = flags.DEFINE_list(
   'timm runs: bf16 (autocast), fp32, and for inference bf16w (the model '
   'converted to bfloat16 once).',
 )
+_TIMM_DEVICE = flags.DEFINE_enum(
+  'timm_device',
+  'cpu',
+  ['cpu', 'cuda'],
+  "timm's device; this project runs on JAX's default backend (a GPU where "
+  'JAX has one: leave it the memory it needs with '
+  'XLA_PYTHON_CLIENT_PREALLOCATE=false).',
+)
+_TIMM_COMPILE = flags.DEFINE_bool(
+  'timm_compile', False, 'timm runs `torch.compile` of its model.'
+)
 _WORKER = flags.DEFINE_enum(
   'worker', None, ['project'], 'Run as a worker (used by the driver).'
 )
@@ -182,6 +193,8 @@ def _workers() -> list[Worker]:
           os.path.join(REPO, 'benchmarks', 'timm_worker.py'),
           f'--model={shared.TIMM_MODEL.value}',
           f'--dtype={dtype}',
+          f'--device={_TIMM_DEVICE.value}',
+          *(['--compile'] if _TIMM_COMPILE.value else []),
           *common[1:],
         ],
         env=timm_env,

@@ -6,6 +6,8 @@ inputs). --mode=inference: the forward pass of the `.eval()` model in
 `torch.inference_mode()`. --dtype: fp32; bf16, float32 weights under
 bfloat16 autocast (which re-casts the weights on every call); bf16w
 (inference only), the model converted once with `.to(torch.bfloat16)`.
+--device=cuda runs it on the GPU (each step timed to its end by
+`torch.cuda.synchronize()`); --compile wraps the model in `torch.compile`.
 After its warm-up it prints 'ready', then runs one step per 'step' line
 read from stdin and prints its seconds; with --profile_steps=N it instead
 profiles N steps (`torch.profiler`) and prints one JSON line of
@@ -25,20 +27,20 @@ import torch
 import torch.nn.functional as F
 
 
-def _autocast(dtype: str):
+def _autocast(dtype: str, device: str):
   if dtype == 'bf16':
-    return torch.autocast('cpu', dtype=torch.bfloat16)
+    return torch.autocast(device, dtype=torch.bfloat16)
   return contextlib.nullcontext()
 
 
 def train_step(model, x, dtype: str):
-  y = torch.randint(0, 1000, (x.shape[0],))
+  y = torch.randint(0, 1000, (x.shape[0],), device=x.device)
   opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
   model.train()
 
   def step():
     opt.zero_grad(set_to_none=True)
-    with _autocast(dtype):
+    with _autocast(dtype, x.device.type):
       loss = F.cross_entropy(model(x), y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -54,7 +56,7 @@ def inference_step(model, x, dtype: str):
     x = x.to(torch.bfloat16)
 
   def step():
-    with torch.inference_mode(), _autocast(dtype):
+    with torch.inference_mode(), _autocast(dtype, x.device.type):
       return model(x)
 
   return step
@@ -106,6 +108,17 @@ def profile_kinds(step, steps: int) -> dict[str, float]:
   return {**totals, 'wall': statistics.mean(walls) * 1e3}
 
 
+def _synchronized(step):
+  """`step`, returning only once the GPU has finished its work."""
+
+  def run():
+    out = step()
+    torch.cuda.synchronize()
+    return out
+
+  return run
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--model', default='vit_base_patch16_224')
@@ -114,16 +127,22 @@ def main():
   parser.add_argument('--dtype', choices=['fp32', 'bf16', 'bf16w'])
   parser.add_argument('--mode', choices=['train', 'inference'])
   parser.add_argument('--profile_steps', type=int, default=0)
+  parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+  parser.add_argument('--compile', action='store_true')
   args = parser.parse_args()
   if args.mode == 'train' and args.dtype == 'bf16w':
     parser.error('--dtype=bf16w is for --mode=inference only.')
   torch.manual_seed(0)
   model = timm.create_model(
     args.model, act_layer='gelu_tanh', num_classes=1000, img_size=args.res
-  )
-  x = torch.randn(args.batch, 3, args.res, args.res)
+  ).to(args.device)
+  x = torch.randn(args.batch, 3, args.res, args.res, device=args.device)
+  if args.compile:
+    model = torch.compile(model)
   make = train_step if args.mode == 'train' else inference_step
   step = make(model, x, args.dtype)
+  if args.device == 'cuda':
+    step = _synchronized(step)
   for _ in range(2):
     step()
   if args.profile_steps:

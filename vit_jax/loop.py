@@ -18,7 +18,6 @@ that its metrics and results equal an uninterrupted run's; a rerun of a
 finished run changes nothing; only one run at a time holds a workdir.
 """
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 
@@ -37,13 +35,12 @@ from vit_jax import (
   data,
   evaluators,
   metric_logging,
-  optim,
   run_guards,
   sharding,
-  steps,
   train_state,
   workdir_lock,
 )
+from vit_jax import training as training_lib
 from vit_jax import (
   workdir as workdir_lib,
 )
@@ -116,71 +113,6 @@ def _abstract_batch(
       (batch, classes), np.float32, sharding=batch_sharding
     ),
   }
-
-
-@dataclasses.dataclass
-class Training:
-  """The optimizer, state layout and train step of a task on a mesh.
-
-  Attributes:
-    schedule: the learning rate per step.
-    tx: the optimizer.
-    layout: the training state's shapes and shardings.
-    train_step: the jitted `(state, batch) -> (state, metrics)`, not yet
-      compiled.
-    init_variables: rng -> the model's freshly initialised variables.
-    use_ema: whether the state carries Polyak-averaged parameters.
-  """
-
-  schedule: optax.Schedule
-  tx: optax.GradientTransformation
-  layout: train_state.StateLayout
-  train_step: Callable
-  init_variables: Callable[[jax.Array], PyTree]
-  use_ema: bool
-
-  def new_state(self, seed: int) -> train_state.TrainState:
-    """A randomly initialised state, placed as `layout` says."""
-    return train_state.create_state(
-      self.init_variables, self.tx, self.use_ema, self.layout,
-      jax.random.key(seed),
-    )  # fmt: skip
-
-
-def build_training(
-  config: ml_collections.ConfigDict,
-  task: Task,
-  mesh,
-  num_steps: int,
-  steps_per_epoch: int | None = None,
-) -> Training:
-  """Steps 2-3 and 5 of the loop, shared with the benchmark job.
-
-  Call it inside `sharding.activation_sharding(mesh, config.sharding)`.
-  """
-  schedule = optim.learning_rate_schedule(config.lr, num_steps, steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  use_ema = config.ema_decay > 0
-
-  def init_variables(rng):
-    images = jax.numpy.zeros((1, config.image_size, config.image_size, 3))
-    return task.model.init(rng, images)
-
-  layout = train_state.state_layout(
-    init_variables, tx, use_ema, mesh, config.sharding
-  )
-  train_step = steps.make_train_step_from_config(
-    config,
-    task.model,
-    tx,
-    task.loss_fn,
-    schedule,
-    mesh=mesh,
-    layout=layout,
-    target=task.target,
-    rng_streams=task.rng_streams,
-  )
-  return Training(schedule, tx, layout, train_step, init_variables, use_ema)
 
 
 def _initial_state(config, task, training, state_checkpoints):
@@ -347,7 +279,9 @@ def _run(config, workdir: epath.Path, make_task) -> dict[str, float]:
 
   with sharding.activation_sharding(mesh, config.sharding):
     # 2.-3. Model, optimizer and state shardings.
-    training = build_training(config, task, mesh, num_steps, ds.steps_per_epoch)
+    training = training_lib.build_training(
+      config, task, mesh, num_steps, ds.steps_per_epoch
+    )
     state_checkpoints = checkpoints.StateCheckpoints(
       workdir / 'checkpoints', keep=config.keep_checkpoints
     )

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from mock_tfds import absolute_ranges, examples_of, mocked_tfds
 from vit_jax import data, sharding
+from vit_jax.data import config as data_config
 from vit_jax.data import presets
 
 # Classes per task, from the VTAB-1k task definitions.
@@ -101,7 +102,7 @@ def test_preset_on_mock_data(name, mesh):
     examples = _test_examples(name, test_builder)
     batches = list(ds.local_eval_iter('test'))
     train = next(ds.local_train_iter())
-    sizes = {split: ds.num_examples(split) for split in presets.SPLITS}
+    sizes = {split: ds.num_examples(split) for split in data_config.SPLITS}
 
   k = NUM_CLASSES[name]
   assert ds.num_classes == k

@@ -12,6 +12,7 @@ from sklearn import datasets as sk_datasets
 
 from helpers import small_data_config
 from vit_jax import data, sharding
+from vit_jax.data import config as data_config
 from vit_jax.data import presets, sources
 
 
@@ -141,7 +142,7 @@ def test_default_config_has_the_documented_keys():
       'imagenet21k_name',
     ]
   )
-  assert sorted(config.splits) == sorted(presets.SPLITS)
+  assert sorted(config.splits) == sorted(data_config.SPLITS)
   assert dict(config.pp) == {
     'train_crop': 'inception',
     'min_area': 0.05,

@@ -1,6 +1,7 @@
 """The input-pipeline throughput measurement, on a few small images."""
 
-from vit_jax.data import dataset, sources, throughput
+from vit_jax.data import config as data_config
+from vit_jax.data import sources, throughput
 
 
 def test_images_per_second_on_written_jpegs(tmp_path):
@@ -9,7 +10,7 @@ def test_images_per_second_on_written_jpegs(tmp_path):
   # 8 JPEGs, a quarter of them test: train/ and test/ of two classes.
   assert source.num_examples('train_full') == 6
   assert source.num_examples('test') == 2
-  config = dataset.default_config()
+  config = data_config.default_config()
   config.batch_size = 4
   config.image_size = 32
   config.pp.randaugment_layers = 2

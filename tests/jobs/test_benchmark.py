@@ -373,3 +373,44 @@ def test_one_cpu_device_runs_the_custom_calls(tmp_path, dtype):
     f"ViT attention (attention='auto'): onednn ({dtype} on one CPU "
     'device).' in run.stderr
   )
+
+
+# Run in a fresh interpreter in which importing TensorFlow, tfds or clu
+# fails, as on an accelerator image with JAX alone.
+_WITHOUT_TENSORFLOW = """
+import importlib.abc, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.partition('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
+      raise ModuleNotFoundError(f'No module named {name!r}')
+
+sys.meta_path.insert(0, Refuse())
+from configs import benchmark as benchmark_config
+from vit_jax.jobs import benchmark
+
+config = benchmark_config.get_config('ViT-B_16')
+config.update_from_flattened_dict({
+  'model.hidden_size': 32, 'model.mlp_dim': 64, 'model.num_heads': 2,
+  'model.num_layers': 1, 'model.patch_size': 8, 'image_size': 16,
+  'batch_size': 8, 'num_classes': 3,
+})
+setup = benchmark.build(config)
+state, metrics = setup.train_step(setup.new_state(), setup.batch)
+print('loss', float(metrics['train_loss']))
+"""
+
+
+def test_benchmark_step_builds_and_runs_without_tensorflow():
+  result = subprocess.run(
+    [sys.executable, '-c', _WITHOUT_TENSORFLOW],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Cross-entropy of a random model over 3 classes: about log(3).
+  loss = float(result.stdout.split('loss')[-1])
+  assert 0.5 < loss < 2.5

@@ -10,14 +10,24 @@ See `default_config()` for the config keys and `list_presets()` for the
 dataset names with presets.
 """
 
-from vit_jax.data.dataset import Dataset, default_config, get_dataset
-from vit_jax.data.presets import list_presets
-from vit_jax.data.sources import DatasetNotPreparedError
+import importlib
 
-__all__ = [
-  'Dataset',
-  'DatasetNotPreparedError',
-  'default_config',
-  'get_dataset',
-  'list_presets',
-]
+from vit_jax.data.config import default_config
+
+# The names below need TensorFlow and are imported on first use, so that
+# configs and the modules that only name `data.Dataset` load without it
+# (vit_jax/data/config.py).
+_LAZY = {
+  'Dataset': 'vit_jax.data.dataset',
+  'DatasetNotPreparedError': 'vit_jax.data.sources',
+  'get_dataset': 'vit_jax.data.dataset',
+  'list_presets': 'vit_jax.data.presets',
+}
+
+__all__ = ['default_config', *_LAZY]
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

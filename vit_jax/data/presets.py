@@ -21,8 +21,6 @@ from typing import Any
 
 import tensorflow as tf
 
-SPLITS = ('train', 'val', 'test', 'train_full')
-
 
 @dataclasses.dataclass(frozen=True)
 class Head:
@@ -103,7 +101,7 @@ class Preset:
 
   Attributes:
     tfds_name: the tfds builder ('name' or 'name/config').
-    splits: the tfds split behind each of SPLITS.
+    splits: the tfds split behind each of `config.SPLITS`.
     num_classes: number of classes; None reads it from the 'label' feature.
     label: decoded features -> int64 class id, or a vector of ids for an
       example with a set of labels.

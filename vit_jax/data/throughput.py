@@ -17,7 +17,8 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from vit_jax.data import dataset, pipeline, sources
+from vit_jax.data import config as data_config
+from vit_jax.data import pipeline, sources
 
 _IMAGES = flags.DEFINE_integer('images', 256, 'JPEGs to write.')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing per measurement.')
@@ -70,7 +71,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as root:
     write_jpegs(root, _IMAGES.value)
     source = sources.image_folder(root)
-    config = dataset.default_config()
+    config = data_config.default_config()
     config.batch_size = _BATCH.value
     config.image_size = 224
     print(

@@ -31,7 +31,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from vit_jax import loop, objectives, sharding, steps, train_state
+from vit_jax import objectives, sharding, steps, train_state
+from vit_jax import training as training_lib
 from vit_jax import workdir as workdir_lib
 from vit_jax.analysis import flops, measure
 from vit_jax.models import common
@@ -162,7 +163,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   """Builds and compiles the project's training step for `config`.
 
   The optimizer, state layout and step are the training loop's
-  (`loop.build_training`); only the data differ (random, on the devices).
+  (`training.build_training`); only the data differ (random, on the devices).
   """
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
   model, description = objectives.model_from_config(config, config.num_classes)
@@ -170,7 +171,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     model=model, loss_fn=steps.get_loss(config.loss), description=description
   )
   with sharding.activation_sharding(mesh, config.sharding):
-    training = loop.build_training(
+    training = training_lib.build_training(
       config, task, mesh, config.benchmark.steps + 1
     )
     batch = _random_batch(config, mesh, config.num_classes)

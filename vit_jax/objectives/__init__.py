@@ -19,7 +19,7 @@ OBJECTIVES = {
 __all__ = ['OBJECTIVES', 'Task', 'make_task', 'model_from_config']
 
 
-def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
+def make_task(config: ml_collections.ConfigDict, ds: 'data.Dataset') -> Task:
   """The Task of `config.objective`."""
   if config.objective not in OBJECTIVES:
     raise ValueError(

@@ -185,7 +185,7 @@ def settings(mpp: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
-def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
+def make_task(config: ml_collections.ConfigDict, ds: 'data.Dataset') -> Task:
   """Masked patch prediction with the configured ViT."""
   del ds  # The objective needs only the images.
   mpp_settings = settings(config.mpp)

@@ -8,7 +8,7 @@ from vit_jax.objectives.task import Task, model_from_config
 OBJECTIVE = 'supervised'
 
 
-def make_task(config: ml_collections.ConfigDict, ds: data.Dataset) -> Task:
+def make_task(config: ml_collections.ConfigDict, ds: 'data.Dataset') -> Task:
   """The configured model, loss and the dataset's classes (and names)."""
   num_classes = config.num_classes or ds.num_classes
   if num_classes != ds.num_classes:

@@ -1,6 +1,6 @@
 """Where examples come from: tfds builders, image folders and digits scans.
 
-A source serves the four splits of one dataset (`presets.SPLITS`); see
+A source serves the four splits of one dataset (`config.SPLITS`); see
 `base.Source`. One module per kind of source:
 
   arrays       examples addressable by index (`digits`, and image folders);

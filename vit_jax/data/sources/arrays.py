@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from vit_jax.data import presets
-from vit_jax.data.presets import SPLITS, SplitSpec
+from vit_jax.data.config import SPLITS
+from vit_jax.data.presets import SplitSpec
 from vit_jax.data.sources import base
 
 

@@ -1,6 +1,6 @@
 """What every source of examples shares: splits, shards and the stream order.
 
-A source serves the four splits of one dataset (`presets.SPLITS`). For one
+A source serves the four splits of one dataset (`config.SPLITS`). For one
 process's shard of a split it yields records {'image', 'label'}: 'image' is
 encoded bytes (decoded later, so that skipped records cost no decoding) or a
 uint8 HxWx3 array; 'label' is an int64 class id, or an int64 vector of class
@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.data.presets import SPLITS, Head, SplitSpec
+from vit_jax.data.config import SPLITS
+from vit_jax.data.presets import Head, SplitSpec
 
 # Positions of an endless stream stay below this.
 END = 2**62

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.data.presets import SPLITS, Preset, SplitSpec
+from vit_jax.data.config import SPLITS
+from vit_jax.data.presets import Preset, SplitSpec
 from vit_jax.data.sources import base
 
 
