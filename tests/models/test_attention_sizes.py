@@ -1,13 +1,19 @@
 """Attention at the paper's sizes against float64 numpy, on every backend.
 
-XLA's and the project's product attention run everywhere; cuDNN's fused
-attention (and the model with `attention='auto'`, which picks it) only where
-an NVIDIA GPU is visible, and is skipped elsewhere (CI's CPUs). The test set-up
-hides GPUs; on a GPU machine run
+XLA's and the project's product attention run everywhere, and so does the
+padding to even lengths that the cuDNN path takes (with XLA's attention);
+the training step of a model that picks cuDNN is lowered for CUDA here too,
+which is where JAX's own checks of cuDNN's constraints run. cuDNN's fused
+attention itself (and the model with `attention='auto'`, which picks it)
+runs only where an NVIDIA GPU is visible, and is skipped elsewhere (CI's
+CPUs). The test set-up hides GPUs; on a GPU machine run
 
   JAX_PLATFORMS=cuda,cpu CUDA_VISIBLE_DEVICES=0 \
     python -m pytest tests/models/test_attention_sizes.py
 """
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -26,19 +32,32 @@ needs_nvidia_gpu = pytest.mark.skipif(
 IMPLEMENTATIONS = [
   'xla',
   'product',
+  'xla, even lengths',
   pytest.param('cudnn', marks=needs_nvidia_gpu),
 ]
 # (tokens, heads, head_dim): ViT-B/32 and B/16 at 224 px, B/16 at 384 px
-# (the fine-tuning resolution), L/16 at 224 px.
-SIZES = [(50, 12, 64), (197, 12, 64), (577, 12, 64), (197, 16, 64)]
+# (the fine-tuning resolution), L/16 at 224 px, H/14 at 224 px.
+SIZES = [
+  (50, 12, 64),
+  (197, 12, 64),
+  (577, 12, 64),
+  (197, 16, 64),
+  (257, 16, 80),
+]
 
 
-def _inputs(length, heads, head_dim, dtype, batch=2, seed=0):
-  """Query, key, value and an output cotangent, rounded to `dtype`."""
+def _inputs(length, heads, head_dim, dtype, batch=2, seed=0, keys=None):
+  """Query, key, value and an output cotangent, rounded to `dtype`.
+
+  `keys` keys and values (`length` unless given).
+  """
   rng = np.random.default_rng(seed)
-  shape = (batch, length, heads, head_dim)
+  lengths = (length, keys or length, keys or length, length)
   return [
-    jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(4)
+    jnp.asarray(
+      rng.standard_normal((batch, n, heads, head_dim), np.float32), dtype
+    )
+    for n in lengths
   ]
 
 
@@ -65,11 +84,18 @@ def _reference(q, k, v, g):
 
 
 def _attention(implementation):
+  """The function the model runs for an implementation."""
   if implementation == 'product':
     return attention.product_attention
-  return lambda q, k, v: jax.nn.dot_product_attention(
-    q, k, v, implementation=implementation
-  )
+  if implementation == 'xla, even lengths':
+    return functools.partial(
+      attention.even_length_attention, implementation='xla'
+    )
+  if implementation == 'cudnn':
+    return functools.partial(
+      attention.even_length_attention, implementation='cudnn'
+    )
+  return functools.partial(jax.nn.dot_product_attention, implementation='xla')
 
 
 def _relative_error(got, expected):
@@ -79,11 +105,14 @@ def _relative_error(got, expected):
 
 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
-@pytest.mark.parametrize('length, heads, head_dim', SIZES)
+@pytest.mark.parametrize(
+  'length, heads, head_dim, keys',
+  [(*size, None) for size in SIZES] + [(1, 12, 64, 196), (1, 12, 64, 197)],
+)  # The last two: a MAP head's probe over 196 patches, and over 197 tokens.
 def test_bfloat16_attention_and_gradients_match_float64(
-  implementation, length, heads, head_dim
+  implementation, length, heads, head_dim, keys
 ):
-  q, k, v, g = _inputs(length, heads, head_dim, jnp.bfloat16)
+  q, k, v, g = _inputs(length, heads, head_dim, jnp.bfloat16, keys=keys)
   fn = _attention(implementation)
 
   @jax.jit
@@ -150,3 +179,76 @@ def test_model_with_cudnn_matches_xla_and_float64():
     jax.tree.leaves(cudnn_grads), jax.tree.leaves(xla_grads), strict=True
   ):
     assert _relative_error(a, np.asarray(b, np.float64)) < 5e-2
+
+
+@pytest.fixture
+def as_on_a_hopper_gpu(monkeypatch):
+  """This CPU process choosing and lowering as on an H100 with cuDNN 9.10.
+
+  JAX asks the GPU for cuDNN's version and compute capability while it
+  traces cuDNN's attention; these stand in for both. Every `auto` choice of
+  the model (attention, dense products, patch embedding) sees a GPU.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+  for name in ('check_cudnn_version', 'check_compute_capability'):
+    assert hasattr(cudnn_attention, name), (
+      f'JAX no longer has {name}: update this stand-in for its cuDNN checks.'
+    )
+  monkeypatch.setattr(cudnn_attention, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(
+    cudnn_attention, 'check_compute_capability', lambda _: True
+  )
+  monkeypatch.setattr(attention, 'nvidia_compute_capability', lambda: (9, 0))
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+
+
+def _cuda_custom_calls(fn, *args) -> set[str]:
+  """The custom calls of `fn` lowered for CUDA (nothing is compiled)."""
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
+  return set(re.findall(r'custom_call @([^(]+)\(', lowered.as_text()))
+
+
+@pytest.mark.parametrize('classifier', ['token', 'map'])
+def test_training_step_lowers_for_cuda_with_fused_attention(
+  as_on_a_hopper_gpu, classifier
+):
+  # 16 patches and a class token: an odd sequence, as at every resolution;
+  # the MAP head's probe is a single query.
+  images = jnp.zeros((2, 16, 16, 3))
+  model = tiny_vit(dtype='bfloat16', classifier=classifier)
+  assert model.resolved_attention()[0] == 'cudnn'
+  params = init_params(model, images)
+
+  def loss(p):
+    logits = model.apply({'params': p}, images)
+    return jnp.sum(logits.astype(jnp.float32) ** 2)
+
+  calls = _cuda_custom_calls(jax.value_and_grad(loss), params)
+  # cuDNN's forward and backward kernels and nothing for a CPU.
+  assert calls == {'__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward'}
+
+
+@pytest.mark.parametrize('length, heads, head_dim', SIZES)
+def test_unpadded_cudnn_training_refuses_odd_lengths(
+  as_on_a_hopper_gpu, length, heads, head_dim
+):
+  """Why the padding: JAX's own check, and the padded call passing it."""
+  q, k, v, _ = _inputs(length, heads, head_dim, jnp.bfloat16, batch=1)
+
+  def grads(fn):
+    return jax.grad(
+      lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)
+    )
+
+  raw = functools.partial(jax.nn.dot_product_attention, implementation='cudnn')
+  if length % 2:
+    with pytest.raises(NotImplementedError, match='sequence length'):
+      _cuda_custom_calls(grads(raw), q, k, v)
+  else:
+    assert '__cudnn$fmhaSoftmaxBackward' in _cuda_custom_calls(
+      grads(raw), q, k, v
+    )
+  assert '__cudnn$fmhaSoftmaxBackward' in _cuda_custom_calls(
+    grads(_attention('cudnn')), q, k, v
+  )

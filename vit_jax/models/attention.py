@@ -5,7 +5,8 @@ by the model's `attention` option (see `resolve_implementation`):
   'xla'      jax.nn.dot_product_attention(implementation='xla'): XLA's
              attention, on any backend;
   'cudnn'    jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's
-             fused (flash) attention, on NVIDIA GPUs, bfloat16 only;
+             fused (flash) attention, on NVIDIA GPUs, bfloat16 only (odd
+             sequence lengths padded: `even_length_attention`);
   'product'  `product_attention`, six matmuls in the compute dtype with
              float32 accumulation and a custom VJP;
   'onednn'   `vit_jax.kernels.onednn.attention`: the same roundings as
@@ -75,6 +76,38 @@ def batch_chunks(
   if size >= batch or jax.device_count() > 1:
     return [(0, batch)]
   return [(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def even_length_attention(
+  query: jax.Array, key: jax.Array, value: jax.Array, implementation: str
+) -> jax.Array:
+  """`jax.nn.dot_product_attention` on sequences padded to even lengths.
+
+  JAX's cuDNN attention refuses odd sequence lengths once it is
+  differentiated ("Unsupported sequence length Q 197, KV 197", JAX 0.10:
+  `check_is_flash_attention` takes the absent bias for a bias, whose
+  gradient needs even lengths), and a ViT's sequences are odd: 196 patches
+  and the class token at 224 px, 577 tokens at 384, the MAP head's single
+  probe. An odd query sequence gets one more row, dropped from the output;
+  an odd key sequence one more key, which the keys' padding mask
+  (`key_value_seq_lengths`) hides. Even lengths pass unchanged.
+  """
+
+  def pad(x):
+    return jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)])
+
+  keys = key.shape[1]
+  key_lengths = None
+  if keys % 2:
+    key_lengths = jnp.full((key.shape[0],), keys, jnp.int32)
+  out = jax.nn.dot_product_attention(
+    pad(query),
+    pad(key),
+    pad(value),
+    key_value_seq_lengths=key_lengths,
+    implementation=implementation,
+  )
+  return out[:, : query.shape[1]]
 
 
 def _chunk(x: jax.Array, start: int, end: int) -> jax.Array:
@@ -412,6 +445,8 @@ class MultiHeadDotProductAttention(nn.Module):
       return onednn.attention(query, key, value)
     if implementation == 'product':
       return product_attention(query, key, value)
+    if implementation == 'cudnn':
+      return even_length_attention(query, key, value, 'cudnn')
     return jax.nn.dot_product_attention(
       query, key, value, implementation=implementation
     )
