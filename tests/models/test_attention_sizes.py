@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from helpers import init_params, random_images, randomize, tiny_vit
-from vit_jax import checkpoints
+from configs import benchmark as benchmark_config
+from helpers import TINY_VIT, init_params, random_images, randomize, tiny_vit
+from vit_jax import checkpoints, objectives, sharding, steps, training
 from vit_jax.models import attention, common, patch_embedding
 
 on_nvidia_gpu = attention.nvidia_compute_capability() is not None
@@ -252,3 +253,34 @@ def test_unpadded_cudnn_training_refuses_odd_lengths(
   assert '__cudnn$fmhaSoftmaxBackward' in _cuda_custom_calls(
     grads(_attention('cudnn')), q, k, v
   )
+
+
+@pytest.mark.parametrize('step', ['jit', 'shard_map'])
+def test_sharded_training_steps_lower_for_cuda(as_on_a_hopper_gpu, step):
+  """The training loop's step over the tests' 8-device mesh, for CUDA."""
+  config = benchmark_config.get_config('ViT-B_16')
+  config.model.update(patch_size=4, dtype='bfloat16', **TINY_VIT)
+  config.update(step=step, image_size=16, batch_size=8, num_classes=6)
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
+  model, description = objectives.model_from_config(config, config.num_classes)
+  task = objectives.Task(
+    model=model, loss_fn=steps.get_loss(config.loss), description=description
+  )
+  batch = {
+    'images': jax.ShapeDtypeStruct(
+      (8, 16, 16, 3), jnp.float32, sharding=sharding.batch_sharding(mesh)
+    ),
+    'labels': jax.ShapeDtypeStruct(
+      (8, 6), jnp.float32, sharding=sharding.batch_sharding(mesh)
+    ),
+  }
+  with sharding.activation_sharding(mesh, config.sharding):
+    built = training.build_training(config, task, mesh, num_steps=10)
+    lowered = built.train_step.trace(built.layout.abstract, batch).lower(
+      lowering_platforms=('cuda',)
+    )
+  calls = set(re.findall(r'custom_call @([^(]+)\(', lowered.as_text()))
+  if step == 'shard_map':  # Each device's own cuDNN calls.
+    assert calls == {'__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward'}
+  else:  # JAX partitions cuDNN's calls over the mesh once compiled.
+    assert calls == {'CustomSPMDPartitioning'}
