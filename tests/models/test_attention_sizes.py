@@ -3,7 +3,8 @@
 XLA's and the project's product attention run everywhere, and so does the
 padding to even lengths that the cuDNN path takes (with XLA's attention);
 the training step of a model that picks cuDNN is lowered for CUDA here too,
-which is where JAX's own checks of cuDNN's constraints run. cuDNN's fused
+which is where JAX's own checks of cuDNN's constraints run (and the step
+as on a TPU, for TPUs). cuDNN's fused
 attention itself (and the model with `attention='auto'`, which picks it)
 runs only where an NVIDIA GPU is visible, and is skipped elsewhere (CI's
 CPUs). The test set-up hides GPUs; on a GPU machine run
@@ -255,9 +256,8 @@ def test_unpadded_cudnn_training_refuses_odd_lengths(
   )
 
 
-@pytest.mark.parametrize('step', ['jit', 'shard_map'])
-def test_sharded_training_steps_lower_for_cuda(as_on_a_hopper_gpu, step):
-  """The training loop's step over the tests' 8-device mesh, for CUDA."""
+def _lowered_training_step(step: str, platform: str) -> str:
+  """The training loop's step of a tiny ViT over the 8-device mesh, lowered."""
   config = benchmark_config.get_config('ViT-B_16')
   config.model.update(patch_size=4, dtype='bfloat16', **TINY_VIT)
   config.update(step=step, image_size=16, batch_size=8, num_classes=6)
@@ -277,10 +277,26 @@ def test_sharded_training_steps_lower_for_cuda(as_on_a_hopper_gpu, step):
   with sharding.activation_sharding(mesh, config.sharding):
     built = training.build_training(config, task, mesh, num_steps=10)
     lowered = built.train_step.trace(built.layout.abstract, batch).lower(
-      lowering_platforms=('cuda',)
+      lowering_platforms=(platform,)
     )
-  calls = set(re.findall(r'custom_call @([^(]+)\(', lowered.as_text()))
+  return lowered.as_text()
+
+
+@pytest.mark.parametrize('step', ['jit', 'shard_map'])
+def test_sharded_training_steps_lower_for_cuda(as_on_a_hopper_gpu, step):
+  text = _lowered_training_step(step, 'cuda')
+  calls = set(re.findall(r'custom_call @([^(]+)\(', text))
   if step == 'shard_map':  # Each device's own cuDNN calls.
     assert calls == {'__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward'}
   else:  # JAX partitions cuDNN's calls over the mesh once compiled.
     assert calls == {'CustomSPMDPartitioning'}
+
+
+@pytest.mark.parametrize('step', ['jit', 'shard_map'])
+def test_sharded_training_steps_lower_for_tpus(monkeypatch, step):
+  # Every `auto` choice as on a TPU: XLA's attention and products, the
+  # convolution for the patch embedding, and no custom call.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  text = _lowered_training_step(step, 'tpu')
+  assert not re.findall(r'custom_call @([^(]+)\(', text)
+  assert 'stablehlo.convolution' in text
