@@ -17,7 +17,9 @@ timm runs in its own environment (--timm_python), e.g.
 `python3 -m venv /tmp/timm-venv && /tmp/timm-venv/bin/pip install torch timm`;
 --timm_pythonpath adds to its PYTHONPATH (where torchvision has no wheel, a
 directory holding a stand-in that lets timm import). Nothing of it is needed
-by this project or its tests. This file is also this project's worker
+by this project or its tests. On a GPU, --timm_device=cuda puts timm there
+too, and XLA_PYTHON_CLIENT_PREALLOCATE=false leaves it the memory it needs
+(benchmarks/gpu.sh). This file is also this project's worker
 (--worker=project).
 """
 
