@@ -7,7 +7,8 @@ inputs). --mode=inference: the forward pass of the `.eval()` model in
 bfloat16 autocast (which re-casts the weights on every call); bf16w
 (inference only), the model converted once with `.to(torch.bfloat16)`.
 --device=cuda runs it on the GPU (each step timed to its end by
-`torch.cuda.synchronize()`); --compile wraps the model in `torch.compile`.
+`torch.cuda.synchronize()`; float32 products in TF32, as JAX's default
+precision runs them there); --compile wraps the model in `torch.compile`.
 After its warm-up it prints 'ready', then runs one step per 'step' line
 read from stdin and prints its seconds; with --profile_steps=N it instead
 profiles N steps (`torch.profiler`) and prints one JSON line of
@@ -132,6 +133,11 @@ def main():
   args = parser.parse_args()
   if args.mode == 'train' and args.dtype == 'bf16w':
     parser.error('--dtype=bf16w is for --mode=inference only.')
+  if args.profile_steps and args.device != 'cpu':
+    parser.error('--profile_steps profiles the CPU only; use --device=cpu.')
+  if args.device == 'cuda':
+    # As XLA's float32 products on NVIDIA GPUs at JAX's default precision.
+    torch.set_float32_matmul_precision('high')
   torch.manual_seed(0)
   model = timm.create_model(
     args.model, act_layer='gelu_tanh', num_classes=1000, img_size=args.res

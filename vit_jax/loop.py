@@ -46,9 +46,6 @@ from vit_jax import (
 )
 from vit_jax.objectives import Task
 
-PyTree = Any
-
-
 # The key of a run's results when SIGTERM stopped it early.
 PREEMPTED = 'preempted_at_step'
 RESULTS = 'results.json'

@@ -6,8 +6,8 @@
   for batch in ds.eval_iter('val'):  # images, labels, mask
     ...
 
-See `default_config()` for the config keys and `list_presets()` for the
-dataset names with presets.
+See `default_config()` (vit_jax/data/config.py) for the config keys and
+`list_presets()` for the dataset names with presets.
 """
 
 import importlib
@@ -31,3 +31,7 @@ def __getattr__(name: str):
   if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_LAZY])

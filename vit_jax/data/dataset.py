@@ -177,7 +177,7 @@ def get_dataset(
   """Opens the dataset a config names.
 
   Args:
-    config: a config with the keys of `default_config()`.
+    config: a config with the keys of `config.default_config()`.
     mesh: the device mesh, with axes ('data', 'model').
     process_index: this process (jax.process_index() by default); tests set
       it to simulate several processes in one.

@@ -91,6 +91,16 @@ def even_length_attention(
   probe. An odd query sequence gets one more row, dropped from the output;
   an odd key sequence one more key, which the keys' padding mask
   (`key_value_seq_lengths`) hides. Even lengths pass unchanged.
+
+  Args:
+    query: (batch, queries, heads, head_dim).
+    key: (batch, keys, heads, head_dim).
+    value: like `key`.
+    implementation: `jax.nn.dot_product_attention`'s ('cudnn'; 'xla' gives
+      the same function anywhere, for tests).
+
+  Returns:
+    softmax(q k^T / sqrt(head_dim)) v, shaped like `query`.
   """
 
   def pad(x):
