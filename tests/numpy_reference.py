@@ -104,6 +104,32 @@ def standardize_var(w, eps=1e-8):
 # ----------------------------------------------------------------------------
 
 
+def dot_product_attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v on (batch, tokens, heads, d) inputs."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  return np.einsum('bhqk,bkhd->bqhd', softmax(logits), v)
+
+
+def dot_product_attention_vjp(q, k, v, g):
+  """The gradients (dq, dk, dv) of sum(dot_product_attention(q, k, v) * g).
+
+  With S = q k^T / sqrt(d), P = softmax(S), O = P v: dv = P^T g,
+  dP = g v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(d),
+  dk = dS^T q / sqrt(d).
+  """
+  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
+  scale = q.shape[-1] ** -0.5
+  p = softmax(np.einsum('bqhd,bkhd->bhqk', q, k) * scale)
+  dp = np.einsum('bqhd,bkhd->bhqk', g, v)
+  ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+  return (
+    np.einsum('bhqk,bkhd->bqhd', ds, k) * scale,
+    np.einsum('bhqk,bqhd->bkhd', ds, q) * scale,
+    np.einsum('bhqk,bqhd->bkhd', p, g),
+  )
+
+
 def attention(p, a, x_q, x_kv):
   """Multi-head attention with the kernels under prefix `a` (self-attention
   when `x_kv` is None)."""
@@ -114,8 +140,7 @@ def attention(p, a, x_q, x_kv):
     return np.einsum('btd,dhk->bthk', x, kernel) + bias
 
   q, k, v = project('query', x_q), project('key', x_kv), project('value', x_kv)
-  weights = softmax(np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1]))
-  heads = np.einsum('bhqs,bshk->bqhk', weights, v)
+  heads = dot_product_attention(q, k, v)
   return (
     np.einsum('bqhk,hkd->bqd', heads, p[a + 'out/kernel']) + p[a + 'out/bias']
   )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpy_reference as ref
 from helpers import needs_custom_calls, random_operands
 from vit_jax.kernels import onednn
 from vit_jax.models import attention
@@ -153,15 +154,6 @@ def test_sources_ship_beside_the_module():
   assert os.environ.get('VIT_JAX_KERNEL_CACHE')  # tests keep ~/.cache clean
 
 
-def attention_float64(q, k, v):
-  """softmax(q k^T / sqrt(d)) v in float64 numpy, (batch, tokens, heads, d)."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  return np.einsum('bhqk,bkhd->bqhd', weights, v)
-
-
 def attention_inputs(shape_q, keys, dtype, seed=0):
   rng = np.random.default_rng(seed)
   batch, _, heads, head_dim = shape_q
@@ -198,7 +190,7 @@ def test_attention_matches_float64(shape_q, keys, dtype):
   assert out.dtype == q.dtype and out.shape == q.shape
   np.testing.assert_allclose(
     np.asarray(out, np.float64),
-    attention_float64(q, k, v),
+    ref.dot_product_attention(q, k, v),
     atol=ATTENTION_TOLERANCE[dtype],
   )
 
@@ -225,7 +217,8 @@ def test_attention_gradients_match_float64(shape_q, keys, dtype):
     plus[i] = plus[i] + step * direction
     minus[i] = minus[i] - step * direction
     numeric = np.sum(
-      (attention_float64(*plus) - attention_float64(*minus)) * cotangent
+      (ref.dot_product_attention(*plus) - ref.dot_product_attention(*minus))
+      * cotangent
     ) / (2 * step)
     analytic = np.sum(np.asarray(grad, np.float64) * direction)
     # Each gradient element carries about one rounding of its dtype; summed
@@ -280,7 +273,7 @@ def test_attention_runs_inside_shard_map_per_image():
   )
   np.testing.assert_allclose(
     np.asarray(attend(q, k, v), np.float64),
-    attention_float64(q, k, v),
+    ref.dot_product_attention(q, k, v),
     atol=ATTENTION_TOLERANCE['float32'],
   )
 

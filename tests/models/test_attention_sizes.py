@@ -64,25 +64,11 @@ def _inputs(length, heads, head_dim, dtype, batch=2, seed=0, keys=None):
 
 
 def _reference(q, k, v, g):
-  """Output and gradients of sum(out * g) in float64, (B, T, H, D) layout.
-
-  With S = q k^T / sqrt(D), P = softmax(S), O = P v:
-  dv = P^T g, dP = g v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(D),
-  dk = dS^T q / sqrt(D).
-  """
-  q, k, v, g = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (
-    q, k, v, g))  # fmt: skip
-  scale = q.shape[-1] ** -0.5
-  p = ref.softmax(q @ k.swapaxes(-1, -2) * scale)
-  out = p @ v
-  dp = g @ v.swapaxes(-1, -2)
-  ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-  grads = (
-    ds @ k * scale,
-    ds.swapaxes(-1, -2) @ q * scale,
-    p.swapaxes(-1, -2) @ g,
-  )
-  return [x.transpose(0, 2, 1, 3) for x in (out, *grads)]
+  """Output and gradients of sum(out * g) in float64."""
+  return [
+    ref.dot_product_attention(q, k, v),
+    *ref.dot_product_attention_vjp(q, k, v, g),
+  ]
 
 
 def _attention(implementation):
