@@ -96,22 +96,6 @@ def _average(pending: list[tuple[int, dict]]) -> dict[str, float]:
   }
 
 
-def _abstract_batch(
-  config, ds: data.Dataset, mesh
-) -> dict[str, jax.ShapeDtypeStruct]:
-  batch_sharding = sharding.batch_sharding(mesh)
-  size, batch = config.image_size, config.batch_size
-  classes = ds.num_classes
-  return {
-    'images': jax.ShapeDtypeStruct(
-      (batch, size, size, 3), np.float32, sharding=batch_sharding
-    ),
-    'labels': jax.ShapeDtypeStruct(
-      (batch, classes), np.float32, sharding=batch_sharding
-    ),
-  }
-
-
 def _initial_state(config, task, training, state_checkpoints):
   """The state to start from, and its unlogged training metrics.
 
@@ -295,7 +279,8 @@ def _run(config, workdir: epath.Path, make_task) -> dict[str, float]:
       # 5. Compile the train step; build the evaluators.
       compile_start = time.perf_counter()
       train_step = training.train_step.lower(
-        training.layout.abstract, _abstract_batch(config, ds, mesh)
+        training.layout.abstract,
+        training_lib.abstract_batch(config, ds.num_classes, mesh),
       ).compile()
       logging.info(
         'Compiled the train step in %.1f s.',

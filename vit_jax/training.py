@@ -10,9 +10,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
-from vit_jax import optim, steps, train_state
+from vit_jax import optim, sharding, steps, train_state
 from vit_jax.objectives.task import Task
 
 PyTree = Any
@@ -81,3 +82,19 @@ def build_training(
     rng_streams=task.rng_streams,
   )
   return Training(schedule, tx, layout, train_step, init_variables, use_ema)
+
+
+def abstract_batch(
+  config: ml_collections.ConfigDict, num_classes: int, mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and shardings of a global batch, to compile the step for."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  size, batch = config.image_size, config.batch_size
+  return {
+    'images': jax.ShapeDtypeStruct(
+      (batch, size, size, 3), np.float32, sharding=batch_sharding
+    ),
+    'labels': jax.ShapeDtypeStruct(
+      (batch, num_classes), np.float32, sharding=batch_sharding
+    ),
+  }

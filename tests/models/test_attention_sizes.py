@@ -274,16 +274,9 @@ def _lowered_training_step(step: str, platform: str) -> str:
   task = objectives.Task(
     model=model, loss_fn=steps.get_loss(config.loss), description=description
   )
-  batch = {
-    'images': jax.ShapeDtypeStruct(
-      (8, 16, 16, 3), jnp.float32, sharding=sharding.batch_sharding(mesh)
-    ),
-    'labels': jax.ShapeDtypeStruct(
-      (8, 6), jnp.float32, sharding=sharding.batch_sharding(mesh)
-    ),
-  }
   with sharding.activation_sharding(mesh, config.sharding):
     built = training.build_training(config, task, mesh, num_steps=10)
+    batch = training.abstract_batch(config, config.num_classes, mesh)
     lowered = built.train_step.trace(built.layout.abstract, batch).lower(
       lowering_platforms=(platform,)
     )
