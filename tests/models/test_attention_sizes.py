@@ -2,6 +2,7 @@
 
 XLA's and the project's product attention run everywhere, and so does the
 padding to even lengths that the cuDNN path takes (with XLA's attention);
+oneDNN's blocked attention (vit_jax/kernels) runs on CPUs;
 the training step of a model that picks cuDNN is lowered for CUDA here too,
 which is where JAX's own checks of cuDNN's constraints run (and the step
 as on a TPU, for TPUs). cuDNN's fused
@@ -25,16 +26,22 @@ import numpy_reference as ref
 from configs import benchmark as benchmark_config
 from helpers import TINY_VIT, init_params, random_images, randomize, tiny_vit
 from vit_jax import checkpoints, objectives, sharding, steps, training
+from vit_jax.kernels import onednn
 from vit_jax.models import attention, common, patch_embedding
 
 on_nvidia_gpu = attention.nvidia_compute_capability() is not None
 needs_nvidia_gpu = pytest.mark.skipif(
   not on_nvidia_gpu, reason='needs an NVIDIA GPU (cuDNN)'
 )
+needs_onednn = pytest.mark.skipif(
+  jax.default_backend() != 'cpu' or onednn.problem() is not None,
+  reason='needs the oneDNN custom calls (CPU)',
+)
 IMPLEMENTATIONS = [
   'xla',
   'product',
   'xla, even lengths',
+  pytest.param('onednn', marks=needs_onednn),
   pytest.param('cudnn', marks=needs_nvidia_gpu),
 ]
 # (tokens, heads, head_dim): ViT-B/32 and B/16 at 224 px, B/16 at 384 px
@@ -83,6 +90,8 @@ def _attention(implementation):
     return functools.partial(
       attention.even_length_attention, implementation='cudnn'
     )
+  if implementation == 'onednn':
+    return onednn.attention
   return functools.partial(jax.nn.dot_product_attention, implementation='xla')
 
 
@@ -118,7 +127,13 @@ def test_bfloat16_attention_and_gradients_match_float64(
 
 
 @pytest.mark.parametrize(
-  'implementation', ['xla', 'product', 'xla, even lengths']
+  'implementation',
+  [
+    'xla',
+    'product',
+    'xla, even lengths',
+    pytest.param('onednn', marks=needs_onednn),
+  ],
 )
 @pytest.mark.parametrize('length, keys', [(197, None), (1, 197), (50, None)])
 def test_float32_attention_and_gradients_match_float64(
