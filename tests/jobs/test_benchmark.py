@@ -156,6 +156,9 @@ def test_table_lists_the_rates(results):
   table = benchmark.format_table(results)
   assert 'train img/s' in table and 'inference img/s' in table
   assert 'MFU' in table and 'matmul=xla, attention=product' in table
+  (step_row,) = [row for row in table.splitlines() if 'step memory' in row]
+  step_mib = results['memory']['step_bytes']['total'] / 2**20
+  assert step_mib > 0 and f' {step_mib:,.1f} MiB' in step_row
 
 
 # ----------------------------------------------------------------------------

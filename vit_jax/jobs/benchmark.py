@@ -331,6 +331,11 @@ def format_table(results: dict[str, Any]) -> str:
               f'({results["peak"]["matmul_size"]}^3 {results["dtype"]})',
     ))  # fmt: skip
   memory = results['memory']
+  if memory['step_bytes']['total'] is not None:
+    rows.append((
+      'step memory', f'{memory["step_bytes"]["total"] / 2**20:,.1f} MiB '
+                     "(XLA's buffers for the training step, per device)",
+    ))  # fmt: skip
   rows.append((
     'host memory', f'{memory["host_peak_bytes"] / 2**30:.2f} GiB peak, '
                    f'{results["host_allocator"] or "unknown"} malloc',
