@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import data, models
-from vit_jax.kernels import mkl, onednn
+from vit_jax.models import common
 
 # main.py's flag for the session's compilation cache (see conftest.py).
 COMPILATION_CACHE_FLAG = (
@@ -76,8 +76,11 @@ def random_images(shape, seed=1):
 
 
 def needs_custom_calls(library: str):
-  """Skips a test where `library`'s ('mkl' or 'onednn') custom calls fail."""
-  problem = {'mkl': mkl, 'onednn': onednn}[library].problem()
+  """Skips a test where `library`'s ('mkl' or 'onednn') custom calls fail.
+
+  They fail where they cannot be built, and on any backend but the CPU.
+  """
+  problem = common.custom_call_problem(library)
   return pytest.mark.skipif(
     problem is not None, reason=f'{library} custom calls unavailable: {problem}'
   )

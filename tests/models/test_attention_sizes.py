@@ -24,7 +24,14 @@ import pytest
 
 import numpy_reference as ref
 from configs import benchmark as benchmark_config
-from helpers import TINY_VIT, init_params, random_images, randomize, tiny_vit
+from helpers import (
+  TINY_VIT,
+  init_params,
+  needs_custom_calls,
+  random_images,
+  randomize,
+  tiny_vit,
+)
 from vit_jax import checkpoints, objectives, sharding, steps, training
 from vit_jax.kernels import onednn
 from vit_jax.models import attention, common, patch_embedding
@@ -33,10 +40,7 @@ on_nvidia_gpu = attention.nvidia_compute_capability() is not None
 needs_nvidia_gpu = pytest.mark.skipif(
   not on_nvidia_gpu, reason='needs an NVIDIA GPU (cuDNN)'
 )
-needs_onednn = pytest.mark.skipif(
-  jax.default_backend() != 'cpu' or onednn.problem() is not None,
-  reason='needs the oneDNN custom calls (CPU)',
-)
+needs_onednn = needs_custom_calls('onednn')
 IMPLEMENTATIONS = [
   'xla',
   'product',
