@@ -608,8 +608,14 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return Parallel(*c.plan, s.batch * s.heads, [&](Workspace& w, int64_t task) {
     const int64_t image = task / s.heads, head = task % s.heads;
     const size_t kv_at = c.Offset(image, 0, head, s.keys);
-    c.Gather(w.key.data(), c.k + kv_at, s.keys);
+    // The products over head_dim read the padded keys, the queries'
+    // gradient dense ones: the same copy where the plan does not pad.
     c.Gather(w.key_padded.data(), c.k + kv_at, s.keys, /*padded=*/true);
+    char* key = w.key_padded.data();
+    if (c.padded_bytes != c.row_bytes) {
+      key = w.key.data();
+      c.Gather(key, c.k + kv_at, s.keys);
+    }
     c.Gather(w.value_padded.data(), c.v + kv_at, s.keys, /*padded=*/true);
     std::fill(w.key_grad.begin(), w.key_grad.end(), 0.0f);
     std::fill(w.value_grad.begin(), w.value_grad.end(), 0.0f);
@@ -641,7 +647,7 @@ ffi::Error Backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       w.stream.wait();
       SoftmaxGradFor(w, s, rows, o + at, p);
       Run(w, b.query_grad, {{DNNL_ARG_SRC, w.logits_grad.data()},
-                            {DNNL_ARG_WEIGHTS, w.key.data()},
+                            {DNNL_ARG_WEIGHTS, key},
                             {DNNL_ARG_DST, w.result.data()}});
       c.Scatter(qg + at, w.result.data(), rows);
       Run(w, b.key_grad, {{DNNL_ARG_SRC, w.logits_grad.data()},
