@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models import common
+from vit_jax.models import bias_gradients, common
 from vit_jax.models.attention import MultiHeadDotProductAttention
 from vit_jax.models.layer_norm import LayerNorm
 
@@ -59,7 +59,7 @@ class AddPositionEmbs(nn.Module):
       ),
       (1, *x.shape[1:]),
     )
-    return x + pos_embedding.astype(x.dtype)
+    return bias_gradients.add(x, pos_embedding)
 
 
 def gelu_recomputed(x, approximate: bool):

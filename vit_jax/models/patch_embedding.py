@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from vit_jax.models import common
+from vit_jax.models import bias_gradients, common
 
 IMPLEMENTATIONS = ('auto', 'conv', 'product')
 
@@ -93,4 +93,4 @@ class PatchEmbedding(nn.Module):
         dimension_numbers,
       )
       y = y.reshape(batch, height // size, width // size, self.features)
-    return y + bias.astype(dtype)
+    return bias_gradients.add(y, bias)
